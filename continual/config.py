@@ -1,0 +1,113 @@
+"""``CONT.*`` config keys of the continual protocol and the run-name derivation.
+
+Keys and defaults are those of the official ECLIPSE implementation (ECLIPSE_SPEC.md 2.1 and
+2.3), including the CoMFormer options ECLIPSE does not use, so that official command lines are
+accepted unchanged.
+"""
+import os
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_continual_config", "task_name", "step_output_dir", "setup_continual_names"]
+
+
+def add_continual_config(cfg: CN) -> None:
+    """Add ``CONT.*``, ``WANDB``, ``NAME``, ``TASK_NAME`` and ``OUTPUT_ROOT`` to ``cfg`` in place."""
+    cfg.WANDB = True  # official default; the scripts (and ours) pass WANDB False
+    cfg.NAME = "Exp"
+    # derived from the other keys by `setup_continual_names`; present so resolved configs load
+    cfg.TASK_NAME = ""
+    cfg.OUTPUT_ROOT = ""
+
+    c = cfg.CONT = CN()
+    c.BASE_CLS = 15
+    c.INC_CLS = 5
+    c.ORDER = list(range(1, 21))
+    c.ORDER_NAME = None
+    c.TASK = 0
+    c.WEIGHTS = None
+    c.MODE = "overlap"  # "overlap" | "disjoint" | "sequential"
+    c.INC_QUERY = False
+    c.COSINE = False
+    c.USE_BIAS = True
+    c.WA_STEP = 0
+
+    # CoMFormer / MiB / PLOP distillation options; accepted but unused by ECLIPSE
+    d = c.DIST = CN()
+    d.POD_WEIGHT = 0.0
+    d.KD_WEIGHT = 0.0
+    d.ALPHA = 1.0
+    d.UCE = False
+    d.UKD = False
+    d.L2 = False
+    d.KD_REW = False
+    d.KD_DEEP = False
+    d.USE_NEW = False
+    d.CE_NEW = False
+    d.EOS_POW = 0.0
+    d.PSEUDO = False
+    d.PSEUDO_TYPE = 0
+    d.IOU_THRESHOLD = 0.5
+    d.PSEUDO_THRESHOLD = 0.0
+    d.MASK_KD = 0.0
+
+    # ECLIPSE
+    c.NUM_PROMPTS = 10  # prompts per incremental step; must be 0 at step 0
+    c.SOFTCLS = True  # softmax (True) or sigmoid (False) class scores; the scripts use False
+    c.BACKBONE_FREEZE = False  # also the master switch of the step>0 freezing
+    c.CLS_HEAD_FREEZE = False
+    c.MASK_HEAD_FREEZE = False
+    c.PIXEL_DECODER_FREEZE = False
+    c.QUERY_EMBED_FREEZE = False
+    c.TRANS_DECODER_FREEZE = False
+    c.PROMPT_DEEP = False
+    c.PROMPT_MASK_MLP = False
+    c.PROMPT_NO_OBJ_MLP = False
+    c.DEEP_CLS = False
+    c.LOGIT_MANI_DELTAS = None  # None, a float, or a list with one delta per query group
+    # not in the official code: supervise every decoder layer at steps > 0 (the official
+    # code supervises only the pre-decoder prediction and the last layer)
+    c.PROMPT_SUPERVISE_ALL_LAYERS = False
+
+
+def task_name(cfg: CN) -> str:
+    """The official scenario name, e.g. ``mya-pan_100-5-ov`` or ``coc-pan_83-5-ov-c``.
+
+    ``<first 3 letters of the train set><-pan|-ins|>_<BASE>-<INC>-<ov|dis|seq>[-<ORDER_NAME>]``.
+    """
+    test = cfg.MODEL.MASK_FORMER.TEST
+    if test.PANOPTIC_ON:
+        suffix = "-pan"
+    elif test.INSTANCE_ON:
+        suffix = "-ins"
+    else:
+        suffix = ""
+    modes = {"overlap": "ov", "disjoint": "dis", "sequential": "seq"}
+    if cfg.CONT.MODE not in modes:
+        raise ValueError(
+            f"CONT.MODE must be one of {sorted(modes)}, got {cfg.CONT.MODE!r}"
+        )
+    name = (
+        f"{cfg.DATASETS.TRAIN[0][:3]}{suffix}_{cfg.CONT.BASE_CLS}-{cfg.CONT.INC_CLS}"
+        f"-{modes[cfg.CONT.MODE]}"
+    )
+    if cfg.CONT.ORDER_NAME:
+        name += f"-{cfg.CONT.ORDER_NAME}"
+    return name
+
+
+def step_output_dir(output_root: str, task: str, run_name: str, step: int) -> str:
+    """``<output_root>/<task name>/<run name>/step<step>``: where one step's files live."""
+    return os.path.join(output_root, task, run_name, f"step{step}")
+
+
+def setup_continual_names(cfg: CN) -> None:
+    """Derive ``TASK_NAME``, ``OUTPUT_ROOT`` and the per-step ``OUTPUT_DIR`` in place.
+
+    ``OUTPUT_DIR`` given by the user is the root of all runs; it becomes
+    ``OUTPUT_ROOT/TASK_NAME/NAME/step<CONT.TASK>``. Calling this twice is harmless.
+    """
+    cfg.TASK_NAME = task_name(cfg)
+    if not cfg.OUTPUT_ROOT:
+        cfg.OUTPUT_ROOT = cfg.OUTPUT_DIR
+    cfg.OUTPUT_DIR = step_output_dir(cfg.OUTPUT_ROOT, cfg.TASK_NAME, cfg.NAME, cfg.CONT.TASK)
