@@ -1,0 +1,2 @@
+from .ms_deform_attn import MSDeformAttn, ms_deform_attn, ms_deform_attn_core_pytorch, register_ms_deform_attn_core
+from .msdeformattn import MSDeformAttnPixelDecoder

@@ -1,0 +1,412 @@
+"""Mask2Former's pixel decoder: a deformable-attention encoder over res3-res5 plus an FPN level.
+
+Module and parameter names follow the official implementation, so that the
+``sem_seg_head.pixel_decoder.*`` entries of official checkpoints load with ``strict=True``:
+
+* ``input_proj.{i}.{0,1}``: 1x1 conv + GroupNorm(32) per encoder level, lowest resolution first
+* ``transformer.level_embed`` and ``transformer.encoder.layers.{j}.*``
+* ``mask_features``: 1x1 conv producing the per-pixel embedding
+* ``adapter_{k}`` / ``layer_{k}``: lateral and output convs of the extra FPN levels
+"""
+import copy
+import math
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+
+from ..transformer_decoder.position_encoding import PositionEmbeddingSine
+from .ms_deform_attn import MSDeformAttn
+
+__all__ = [
+    "DeformableEncoderLayer",
+    "DeformableEncoder",
+    "MSDeformAttnEncoderOnly",
+    "MSDeformAttnPixelDecoder",
+]
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm encoder layer: deformable self-attention, then a ReLU FFN.
+
+    ``x = norm1(x + attn(x + pos, x)); x = norm2(x + linear2(relu(linear1(x))))``
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        n_levels: int = 4,
+        n_heads: int = 8,
+        n_points: int = 4,
+    ):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        src: Tensor,
+        pos: Optional[Tensor],
+        reference_points: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """
+        Args:
+            src: ``[B, S, C]`` flattened multi-level features.
+            pos: ``[B, S, C]`` positional + level embedding, added to the queries only, or None.
+            reference_points: ``[B, S, L, 2]``.
+            spatial_shapes: ``[L, 2]`` long; level_start_index: ``[L]`` long.
+            padding_mask: ``[B, S]`` bool or None.
+
+        Returns:
+            ``[B, S, C]``.
+        """
+        query = src if pos is None else src + pos
+        attended = self.self_attn(query, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        src = self.norm1(src + self.dropout1(attended))
+
+        hidden = self.dropout2(F.relu(self.linear1(src)))
+        src = self.norm2(src + self.dropout3(self.linear2(hidden)))
+        return src
+
+
+class DeformableEncoder(nn.Module):
+    """A stack of :class:`DeformableEncoderLayer` sharing the per-pixel reference points."""
+
+    def __init__(self, encoder_layer: DeformableEncoderLayer, num_layers: int):
+        super().__init__()
+        # Independent deep copies; the owner re-initialises their weights afterwards.
+        self.layers = nn.ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+
+    @staticmethod
+    def get_reference_points(spatial_shapes: Tensor, valid_ratios: Tensor) -> Tensor:
+        """Pixel centres of every level, normalised to the padded map, for every level.
+
+        Args:
+            spatial_shapes: ``[L, 2]`` long, ``(H_l, W_l)``.
+            valid_ratios: ``[B, L, 2]``, ``(valid_w / W_l, valid_h / H_l)`` per level.
+
+        Returns:
+            ``[B, S, L, 2]`` normalised ``(x, y)``.
+        """
+        device = valid_ratios.device
+        per_level = []
+        for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
+            ys = torch.arange(h, dtype=torch.float32, device=device) + 0.5
+            xs = torch.arange(w, dtype=torch.float32, device=device) + 0.5
+            # Normalise by the valid extent of this level, so a centre in the unpadded part of
+            # one level maps to the same image location in every other level below.
+            ys = ys[None, :] / (valid_ratios[:, None, lvl, 1] * h)  # [B, h]
+            xs = xs[None, :] / (valid_ratios[:, None, lvl, 0] * w)  # [B, w]
+            grid_y = ys[:, :, None].expand(-1, h, w)
+            grid_x = xs[:, None, :].expand(-1, h, w)
+            per_level.append(torch.stack((grid_x, grid_y), dim=-1).flatten(1, 2))  # [B, h*w, 2]
+        reference_points = torch.cat(per_level, dim=1)  # [B, S, 2]
+        # Back to each target level's padded coordinates.
+        return reference_points[:, :, None] * valid_ratios[:, None]
+
+    def forward(
+        self,
+        src: Tensor,
+        spatial_shapes: Tensor,
+        level_start_index: Tensor,
+        valid_ratios: Tensor,
+        pos: Optional[Tensor] = None,
+        padding_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Shapes as in :meth:`DeformableEncoderLayer.forward`; valid_ratios ``[B, L, 2]``."""
+        reference_points = self.get_reference_points(spatial_shapes, valid_ratios)
+        output = src
+        for layer in self.layers:
+            output = layer(output, pos, reference_points, spatial_shapes, level_start_index, padding_mask)
+        return output
+
+
+class MSDeformAttnEncoderOnly(nn.Module):
+    """Deformable transformer encoder with a learnable per-level embedding.
+
+    Attribute names (``encoder.layers``, ``level_embed``) match the official checkpoints.
+    """
+
+    def __init__(
+        self,
+        d_model: int = 256,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        dim_feedforward: int = 1024,
+        dropout: float = 0.1,
+        num_feature_levels: int = 4,
+        enc_n_points: int = 4,
+    ):
+        super().__init__()
+        self.d_model = d_model
+        self.nhead = nhead
+        layer = DeformableEncoderLayer(d_model, dim_feedforward, dropout, num_feature_levels, nhead, enc_n_points)
+        self.encoder = DeformableEncoder(layer, num_encoder_layers)
+        self.level_embed = nn.Parameter(torch.empty(num_feature_levels, d_model))
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # Xavier for every matrix first, then let the attention modules restore their own
+        # structured initialisation (zero offset weights, fixed offset pattern).
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m._reset_parameters()
+        nn.init.normal_(self.level_embed)
+
+    @staticmethod
+    def get_valid_ratio(mask: Tensor) -> Tensor:
+        """``[B, H, W]`` padding mask -> ``[B, 2]`` ``(valid_w / W, valid_h / H)``.
+
+        Assumes the padding is at the bottom/right, so the first column/row is representative.
+        """
+        _, h, w = mask.shape
+        valid_h = (~mask[:, :, 0]).sum(1)
+        valid_w = (~mask[:, 0, :]).sum(1)
+        return torch.stack([valid_w.float() / w, valid_h.float() / h], dim=-1)
+
+    def forward(
+        self,
+        srcs: List[Tensor],
+        pos_embeds: List[Tensor],
+        masks: Optional[List[Tensor]] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """
+        Args:
+            srcs: ``L`` maps ``[B, C, H_l, W_l]``.
+            pos_embeds: ``L`` maps ``[B, C, H_l, W_l]``.
+            masks: optional ``L`` bool maps ``[B, H_l, W_l]`` (True = padding); default none.
+
+        Returns:
+            memory ``[B, S, C]``, spatial_shapes ``[L, 2]`` long, level_start_index ``[L]`` long.
+        """
+        if masks is None:
+            masks = [torch.zeros((s.size(0), s.size(2), s.size(3)), dtype=torch.bool, device=s.device) for s in srcs]
+
+        src_flat, mask_flat, pos_flat, shapes = [], [], [], []
+        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
+            shapes.append(src.shape[-2:])
+            src_flat.append(src.flatten(2).transpose(1, 2))  # [B, H*W, C]
+            mask_flat.append(mask.flatten(1))
+            pos_flat.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1))
+        src_flat = torch.cat(src_flat, 1)
+        mask_flat = torch.cat(mask_flat, 1)
+        pos_flat = torch.cat(pos_flat, 1)
+
+        spatial_shapes = torch.as_tensor([tuple(s) for s in shapes], dtype=torch.long, device=src_flat.device)
+        sizes = spatial_shapes.prod(1)
+        level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
+        valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)  # [B, L, 2]
+
+        memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, mask_flat)
+        return memory, spatial_shapes, level_start_index
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class MSDeformAttnPixelDecoder(nn.Module):
+    """Pixel decoder of Mask2Former.
+
+    The ``transformer_in_features`` (res3-res5 in all configs) are projected to ``conv_dim``
+    channels and refined jointly by a deformable-attention encoder. Higher-resolution inputs
+    (res2) are merged FPN-style, top-down, until ``common_stride`` is reached; the finest map
+    gives the mask features.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        transformer_dropout: float,
+        transformer_nheads: int,
+        transformer_dim_feedforward: int,
+        transformer_enc_layers: int,
+        conv_dim: int,
+        mask_dim: int,
+        norm: Optional[Union[str, Callable]] = None,
+        transformer_in_features: List[str],
+        common_stride: int,
+        transformer_n_points: int = 4,
+    ):
+        """
+        Args:
+            input_shape: channels and stride of every backbone feature the decoder uses.
+            transformer_dropout: dropout inside the encoder layers.
+            transformer_nheads: attention heads of the deformable attention.
+            transformer_dim_feedforward: FFN width of the encoder layers.
+            transformer_enc_layers: number of encoder layers.
+            conv_dim: channels of the encoder and of all FPN maps.
+            mask_dim: channels of the output mask features.
+            norm: norm of the FPN convs (``get_norm`` name or callable); empty means none, in
+                which case those convs get a bias.
+            transformer_in_features: names of the features fed to the encoder.
+            common_stride: stride of the mask features.
+            transformer_n_points: sampling points per head and level.
+        """
+        super().__init__()
+        # Everything is kept ordered from high to low resolution (increasing stride).
+        ordered = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
+        self.in_features = [k for k, _ in ordered]
+        self.feature_strides = [v.stride for _, v in ordered]
+        self.feature_channels = [v.channels for _, v in ordered]
+
+        enc_ordered = [(k, v) for k, v in ordered if k in transformer_in_features]
+        self.transformer_in_features = [k for k, _ in enc_ordered]
+        enc_in_channels = [v.channels for _, v in enc_ordered]
+        self.transformer_feature_strides = [v.stride for _, v in enc_ordered]
+        self.transformer_num_feature_levels = len(self.transformer_in_features)
+        if self.transformer_num_feature_levels == 0:
+            raise ValueError("none of transformer_in_features is in input_shape")
+
+        # The encoder sees levels lowest resolution first, so the projections are built in
+        # that order (input_proj.0 is the res5 projection). The GroupNorm here is fixed,
+        # independent of `norm`.
+        self.input_proj = nn.ModuleList(
+            [
+                nn.Sequential(nn.Conv2d(c, conv_dim, kernel_size=1), nn.GroupNorm(32, conv_dim))
+                for c in enc_in_channels[::-1]
+            ]
+        )
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+
+        self.transformer = MSDeformAttnEncoderOnly(
+            d_model=conv_dim,
+            nhead=transformer_nheads,
+            num_encoder_layers=transformer_enc_layers,
+            dim_feedforward=transformer_dim_feedforward,
+            dropout=transformer_dropout,
+            num_feature_levels=self.transformer_num_feature_levels,
+            enc_n_points=transformer_n_points,
+        )
+        self.pe_layer = PositionEmbeddingSine(conv_dim // 2, normalize=True)
+
+        self.mask_dim = mask_dim
+        self.mask_features = Conv2d(conv_dim, mask_dim, kernel_size=1, stride=1, padding=0)
+        weight_init.c2_xavier_fill(self.mask_features)
+
+        # The transformer decoder always consumes exactly three scales.
+        self.maskformer_num_feature_levels = 3
+        self.common_stride = common_stride
+
+        finest_enc_stride = min(self.transformer_feature_strides)
+        ratio = finest_enc_stride // common_stride
+        if ratio < 1 or ratio * common_stride != finest_enc_stride or ratio & (ratio - 1):
+            raise ValueError(
+                f"common_stride {common_stride} must be the finest encoder stride "
+                f"{finest_enc_stride} divided by a power of two"
+            )
+        self.num_fpn_levels = int(math.log2(ratio))
+
+        use_bias = not norm
+        lateral_convs, output_convs = [], []
+        # Registered high resolution first (adapter_1 = res2), as in the official checkpoints.
+        for idx, in_channels in enumerate(self.feature_channels[: self.num_fpn_levels]):
+            lateral = Conv2d(in_channels, conv_dim, kernel_size=1, bias=use_bias, norm=get_norm(norm, conv_dim))
+            output = Conv2d(
+                conv_dim,
+                conv_dim,
+                kernel_size=3,
+                stride=1,
+                padding=1,
+                bias=use_bias,
+                norm=get_norm(norm, conv_dim),
+                activation=F.relu,
+            )
+            weight_init.c2_xavier_fill(lateral)
+            weight_init.c2_xavier_fill(output)
+            self.add_module(f"adapter_{idx + 1}", lateral)
+            self.add_module(f"layer_{idx + 1}", output)
+            lateral_convs.append(lateral)
+            output_convs.append(output)
+        # Plain lists (not ModuleList) so the convs are not registered twice; reversed into
+        # the top-down order in which forward visits them.
+        self.lateral_convs = lateral_convs[::-1]
+        self.output_convs = output_convs[::-1]
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        head = cfg.MODEL.SEM_SEG_HEAD
+        return {
+            "input_shape": {k: v for k, v in input_shape.items() if k in head.IN_FEATURES},
+            "conv_dim": head.CONVS_DIM,
+            "mask_dim": head.MASK_DIM,
+            "norm": head.NORM,
+            "transformer_dropout": cfg.MODEL.MASK_FORMER.DROPOUT,
+            "transformer_nheads": cfg.MODEL.MASK_FORMER.NHEADS,
+            # The official decoder hard-codes these two, ignoring DIM_FEEDFORWARD and
+            # DEFORMABLE_TRANSFORMER_ENCODER_N_{HEADS,POINTS}.
+            "transformer_dim_feedforward": 1024,
+            "transformer_n_points": 4,
+            "transformer_enc_layers": head.TRANSFORMER_ENC_LAYERS,
+            "transformer_in_features": head.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
+            "common_stride": head.COMMON_STRIDE,
+        }
+
+    def forward_features(self, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        """
+        Args:
+            features: backbone maps by name, e.g. ``res2 [B,C2,H/4,W/4]`` ... ``res5 [B,C5,H/32,W/32]``.
+
+        Returns:
+            mask_features: ``[B, mask_dim, H/common_stride, W/common_stride]``.
+            transformer_encoder_features: ``[B, conv_dim, H/32, W/32]``, the lowest-resolution
+                encoder output.
+            multi_scale_features: 3 maps ``[B, conv_dim, ., .]``, lowest resolution first
+                (strides 32, 16, 8 with the default features).
+        """
+        device_type = next(iter(features.values())).device.type
+        # Deformable sampling is numerically fragile in half precision; run it all in fp32.
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._forward_fp32(features)
+
+    def _forward_fp32(self, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        srcs, pos = [], []
+        for idx, name in enumerate(self.transformer_in_features[::-1]):
+            x = features[name].float()
+            srcs.append(self.input_proj[idx](x))
+            pos.append(self.pe_layer(x))
+
+        memory, spatial_shapes, _ = self.transformer(srcs, pos)
+        batch = memory.shape[0]
+
+        shapes = [tuple(s) for s in spatial_shapes.tolist()]
+        outs = []
+        for (h, w), level in zip(shapes, memory.split([h * w for h, w in shapes], dim=1)):
+            outs.append(level.transpose(1, 2).reshape(batch, -1, h, w))
+
+        # Extra FPN levels, top-down from the finest encoder level.
+        for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
+            x = features[name].float()
+            lateral = self.lateral_convs[idx](x)
+            merged = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            outs.append(self.output_convs[idx](merged))
+
+        multi_scale_features = outs[: self.maskformer_num_feature_levels]
+        return self.mask_features(outs[-1]), outs[0], multi_scale_features
+
+    def forward(self, features: Dict[str, Tensor]) -> Tuple[Tensor, Tensor, List[Tensor]]:
+        """Alias of :meth:`forward_features`."""
+        return self.forward_features(features)
