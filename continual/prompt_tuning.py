@@ -14,7 +14,13 @@ from typing import List
 import torch
 from torch import nn
 
-__all__ = ["get_predictor", "initialize_new_step", "freeze_for_prompt_tuning", "trainable_parameter_names"]
+__all__ = [
+    "get_predictor",
+    "initialize_new_step",
+    "freeze_for_prompt_tuning",
+    "configure_trainable_parameters",
+    "trainable_parameter_names",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -120,3 +126,15 @@ def trainable_parameter_names(model: nn.Module) -> List[str]:
     """Names of the parameters with ``requires_grad``, in registration order."""
     model = getattr(model, "module", model)
     return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def configure_trainable_parameters(model: nn.Module, cfg) -> None:
+    """Apply the step's freezing rule to a freshly built model.
+
+    As in the official trainer, freezing happens only at ``CONT.TASK > 0`` with
+    ``CONT.NUM_PROMPTS > 0`` and ``CONT.BACKBONE_FREEZE``; otherwise every parameter keeps the
+    ``requires_grad`` the model was built with (``MODEL.BACKBONE.FREEZE_AT`` still applies).
+    """
+    c = cfg.CONT
+    if c.TASK > 0 and c.NUM_PROMPTS > 0 and c.BACKBONE_FREEZE:
+        freeze_for_prompt_tuning(model, c)

@@ -1,0 +1,72 @@
+"""Checkpoints that do not fit CONT.TASK stop with the keys involved (eval-only safety)."""
+import pytest
+from detectron2.modeling import build_model
+
+import mask2former  # noqa: F401
+from conftest import FIXTURES, build_cfg
+from continual.checkpoint import CheckpointMismatchError, check_checkpoint_for_step, checkpoint_step
+
+TINY = FIXTURES / "ade_ps_t3_deltas_pos" / "config.yaml"
+
+
+def _model(*opts):
+    return build_model(build_cfg(TINY, list(opts)))
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {t: _model("CONT.TASK", str(t)) for t in (1, 2, 3)}
+
+
+def test_matching_checkpoints_pass(models):
+    check_checkpoint_for_step(models[3].state_dict(), models[3], 3, previous_step=False)
+    check_checkpoint_for_step(models[2].state_dict(), models[3], 3, previous_step=True)
+    assert checkpoint_step(models[3].state_dict()) == 3
+    assert checkpoint_step(models[1].state_dict()) == 1
+
+
+def test_eval_with_a_checkpoint_of_an_earlier_step_names_missing_prompts(models):
+    with pytest.raises(CheckpointMismatchError) as err:
+        check_checkpoint_for_step(models[2].state_dict(), models[3], 3, previous_step=False, source="final.pth")
+    msg = str(err.value)
+    assert "final.pth" in msg and "prompt_feat.2.weight" in msg and "class_embed.cls.4" in msg
+    assert "CONT.TASK 2" in msg
+
+
+def test_eval_with_a_checkpoint_of_a_later_step_names_unexpected_keys(models):
+    with pytest.raises(CheckpointMismatchError) as err:
+        check_checkpoint_for_step(models[3].state_dict(), models[2], 2, previous_step=False)
+    msg = str(err.value)
+    assert "unexpected" in msg and "prompt_feat.2.weight" in msg and "CONT.TASK 3" in msg
+
+
+def test_wrong_class_split_names_the_shapes(models):
+    other = _model("CONT.TASK", "3", "CONT.INC_CLS", "10")
+    with pytest.raises(CheckpointMismatchError) as err:
+        check_checkpoint_for_step(other.state_dict(), models[3], 3, previous_step=False)
+    assert "class_embed.cls.2.layers.2.weight" in str(err.value)
+    assert "CONT.INC_CLS" in str(err.value)
+
+
+def test_wrong_prompt_count_names_the_shapes(models):
+    other = _model("CONT.TASK", "3", "CONT.NUM_PROMPTS", "6")
+    with pytest.raises(CheckpointMismatchError, match="prompt_feat.0.weight"):
+        check_checkpoint_for_step(other.state_dict(), models[3], 3, previous_step=False)
+
+
+def test_starting_a_step_from_its_own_checkpoint_is_refused(models):
+    with pytest.raises(CheckpointMismatchError, match="--resume"):
+        check_checkpoint_for_step(models[3].state_dict(), models[3], 3, previous_step=True)
+
+
+def test_starting_a_step_with_missing_old_prompts_is_refused(models):
+    sd = models[2].state_dict()
+    sd.pop("sem_seg_head.predictor.prompt_feat.0.weight")
+    with pytest.raises(CheckpointMismatchError, match="prompt_feat.0.weight"):
+        check_checkpoint_for_step(sd, models[3], 3, previous_step=True)
+
+
+def test_shallow_prompts_checkpoint_for_deep_model_is_refused(models):
+    shallow = _model("CONT.TASK", "3", "CONT.PROMPT_DEEP", "False")
+    with pytest.raises(CheckpointMismatchError, match="CONT.PROMPT_DEEP"):
+        check_checkpoint_for_step(shallow.state_dict(), models[3], 3, previous_step=False)
