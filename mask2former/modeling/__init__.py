@@ -1,4 +1,5 @@
 """Network modules; importing registers them with Detectron2's registries."""
+from . import backbone
 from .meta_arch.mask_former_head import MaskFormerHead
 from .pixel_decoder.msdeformattn import MSDeformAttnPixelDecoder
 from .transformer_decoder.mask2former_transformer_decoder import MultiScaleMaskedTransformerDecoder
