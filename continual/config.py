@@ -5,6 +5,7 @@ Keys and defaults are those of the official ECLIPSE implementation (ECLIPSE_SPEC
 accepted unchanged.
 """
 import os
+import sys
 
 from detectron2.config import CfgNode as CN
 
@@ -13,7 +14,9 @@ __all__ = ["add_continual_config", "task_name", "step_output_dir", "setup_contin
 
 def add_continual_config(cfg: CN) -> None:
     """Add ``CONT.*``, ``WANDB``, ``NAME``, ``TASK_NAME`` and ``OUTPUT_ROOT`` to ``cfg`` in place."""
-    cfg.WANDB = True  # official default; the scripts (and ours) pass WANDB False
+    # Weights & Biases logging; off by default here (the official default is True, and every
+    # official script passes WANDB False). Needs the optional `wandb` package.
+    cfg.WANDB = False
     cfg.NAME = "Exp"
     # derived from the other keys by `setup_continual_names`; present so resolved configs load
     cfg.TASK_NAME = ""
@@ -68,6 +71,13 @@ def add_continual_config(cfg: CN) -> None:
     # not in the official code: supervise every decoder layer at steps > 0 (the official
     # code supervises only the pre-decoder prediction and the last layer)
     c.PROMPT_SUPERVISE_ALL_LAYERS = False
+    # not in the official code: shift the 0-based contiguous ids of COCO by +1 so that they match
+    # the 1-based CONT.ORDER (the official runs never train "person"; ECLIPSE_SPEC.md 1.10)
+    c.COCO_CORRECT_IDS = False
+    # not in the official code: train a step again although its model_final.pth exists
+    c.OVERWRITE = False
+    # folder of the official per-scenario CSV files (<RESULTS_DIR>/<TASK_NAME>.csv)
+    c.RESULTS_DIR = "results"
 
 
 def task_name(cfg: CN) -> str:
@@ -111,3 +121,32 @@ def setup_continual_names(cfg: CN) -> None:
     if not cfg.OUTPUT_ROOT:
         cfg.OUTPUT_ROOT = cfg.OUTPUT_DIR
     cfg.OUTPUT_DIR = step_output_dir(cfg.OUTPUT_ROOT, cfg.TASK_NAME, cfg.NAME, cfg.CONT.TASK)
+
+
+def _main(argv=None) -> None:
+    """``python -m continual.config output-dir --config-file F [KEY VALUE ...]`` prints the
+    step folder ``OUTPUT_DIR`` a run with these arguments uses (for the scenario scripts)."""
+    import argparse
+
+    from detectron2.config import get_cfg
+
+    from mask2former.config import add_maskformer2_config
+
+    parser = argparse.ArgumentParser(prog="python -m continual.config output-dir")
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "output-dir":
+        parser.error("the only command is: output-dir --config-file FILE [KEY VALUE ...]")
+    args = parser.parse_args(argv[1:])
+    cfg = get_cfg()
+    add_maskformer2_config(cfg)
+    add_continual_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    setup_continual_names(cfg)
+    print(cfg.OUTPUT_DIR)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,176 @@
+"""Data loaders of one continual step: the step's images, labels remapped to order positions.
+
+:class:`ContinualMapper` wraps any Detectron2 mapper and rewrites its targets with a look-up
+table from :meth:`continual.scenario.Scenario.label_lut`. The builders select the images of step
+``CONT.TASK`` for training (:func:`build_step_train_loader`) and use the whole validation set
+for testing (:func:`build_step_test_loader`).
+"""
+import logging
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .scenario import IGNORE_LABEL, LUT_SIZE, Scenario, step_index_cache_path
+
+__all__ = [
+    "ContinualMapper",
+    "remap_labels",
+    "remap_instances",
+    "build_step_train_loader",
+    "build_step_test_loader",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def remap_labels(labels: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """``lut[labels]`` as int64, after checking that every label indexes the table.
+
+    Args:
+        labels: integer tensor of any shape (e.g. ``sem_seg`` [H, W] or ``gt_classes`` [N]).
+        lut: int64 tensor [256].
+
+    Returns:
+        int64 tensor of the same shape.
+    """
+    labels = labels.long()
+    if labels.numel() and (labels.min() < 0 or labels.max() >= lut.numel()):
+        raise ValueError(
+            f"labels must lie in 0..{lut.numel() - 1} to be remapped; got "
+            f"{int(labels.min())}..{int(labels.max())}"
+        )
+    return lut[labels]
+
+
+def remap_instances(instances, lut: torch.Tensor):
+    """Remap ``instances.gt_classes`` with ``lut`` and drop instances that become 0 or 255.
+
+    Args:
+        instances: :class:`detectron2.structures.Instances` with ``gt_classes`` int64 [N]
+            (contiguous ids) and any per-instance fields (``gt_masks`` [N, H, W], ...).
+        lut: int64 tensor [256].
+
+    Returns:
+        a new ``Instances`` with the kept M <= N instances, ``gt_classes`` [M] = order positions.
+    """
+    classes = remap_labels(instances.gt_classes, lut)
+    keep = (classes != 0) & (classes != IGNORE_LABEL)
+    kept = instances[keep]
+    kept.gt_classes = classes[keep]
+    return kept
+
+
+class ContinualMapper:
+    """Runs ``base_mapper`` and rewrites its targets for one step of a scenario.
+
+    * ``instances.gt_classes``: contiguous id -> ``lut[id]``; instances mapped to 0 (hidden:
+      background, old or future classes) or 255 are dropped.
+    * ``sem_seg``: every pixel -> ``lut[value]`` (int64; 255 stays 255).
+
+    Args:
+        base_mapper: a Detectron2 mapper (dataset dict -> model input dict, or None to skip).
+        lut: int array [256] from :meth:`Scenario.label_lut`.
+    """
+
+    def __init__(self, base_mapper: Callable[[dict], Optional[dict]], lut):
+        lut = np.asarray(lut)
+        if lut.shape != (LUT_SIZE,) or not np.issubdtype(lut.dtype, np.integer):
+            raise ValueError(
+                f"lut must be an integer array of shape ({LUT_SIZE},) from Scenario.label_lut, "
+                f"got dtype {lut.dtype} and shape {lut.shape}"
+            )
+        self.base_mapper = base_mapper
+        self.lut = torch.as_tensor(lut, dtype=torch.int64)
+
+    @property
+    def is_train(self):
+        """The wrapped mapper's ``is_train`` (None when it has none)."""
+        return getattr(self.base_mapper, "is_train", None)
+
+    def __call__(self, dataset_dict: dict) -> Optional[dict]:
+        out = self.base_mapper(dataset_dict)
+        if out is None:
+            return None
+        if "sem_seg" in out:
+            out["sem_seg"] = remap_labels(out["sem_seg"], self.lut)
+        if "instances" in out:
+            out["instances"] = remap_instances(out["instances"], self.lut)
+        return out
+
+    def __repr__(self) -> str:
+        return f"ContinualMapper({self.base_mapper!r})"
+
+
+def build_step_train_loader(cfg, mapper: Callable, scenario: Optional[Scenario] = None):
+    """The training loader of step ``CONT.TASK``.
+
+    The images are those of ``DATASETS.TRAIN`` (loaded like Detectron2 does, so their order
+    matches the index cache) whose row of the step membership is 1 for ``CONT.TASK``; the
+    membership comes from ``$DETECTRON2_DATASETS/<TASK_NAME>.npy``, a shipped ADE20K-semantic
+    partition, or is computed and cached (:meth:`Scenario.step_indices`). Targets are remapped
+    with the training look-up table of the step.
+
+    Args:
+        cfg: the run's config.
+        mapper: the training mapper (e.g. the panoptic or semantic Mask2Former mapper).
+        scenario: default ``Scenario.from_config(cfg)``.
+
+    Returns:
+        the loader of :func:`detectron2.data.build_detection_train_loader` (an infinite stream of
+        batches of mapped dicts).
+    """
+    from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+    from detectron2.utils import comm
+
+    scenario = scenario or Scenario.from_config(cfg)
+    step = cfg.CONT.TASK
+    dicts = get_detection_dataset_dicts(
+        list(cfg.DATASETS.TRAIN), filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    )
+    cache = step_index_cache_path(scenario)
+    if comm.get_world_size() > 1:
+        # one process computes and caches the membership, the others then read the cache
+        if comm.is_main_process():
+            indices = scenario.step_indices(dicts, step, cache_path=cache)
+        comm.synchronize()
+        if not comm.is_main_process():
+            indices = scenario.step_indices(dicts, step, cache_path=cache)
+    else:
+        indices = scenario.step_indices(dicts, step, cache_path=cache)
+    if len(indices) == 0:
+        raise ValueError(
+            f"step {step} of scenario {scenario.name} has no training images in "
+            f"{list(cfg.DATASETS.TRAIN)} ({len(dicts)} images). Check CONT.ORDER/BASE_CLS/INC_CLS "
+            f"against the dataset's class ids, and delete the cache {cache} if it is stale."
+        )
+    logger.info(
+        "Step %d of %s: %d of %d training images, classes %s",
+        step, scenario.name, len(indices), len(dicts), scenario.classes_of_step(step),
+    )
+    subset = [dicts[i] for i in indices]
+    lut = scenario.label_lut(step, train=True)
+    return build_detection_train_loader(cfg, mapper=ContinualMapper(mapper, lut), dataset=subset)
+
+
+def build_step_test_loader(cfg, dataset_name: str, mapper: Callable, scenario: Optional[Scenario] = None):
+    """The test loader of step ``CONT.TASK``: every image of ``dataset_name``, with the classes of
+    steps ``0..CONT.TASK`` visible (as order positions) and later classes mapped to 0.
+
+    Args:
+        cfg: the run's config.
+        dataset_name: a registered validation set.
+        mapper: the test mapper.
+        scenario: default ``Scenario.from_config(cfg, dataset_name)``.
+
+    Returns:
+        a :class:`torch.utils.data.DataLoader` with batch size 1.
+    """
+    from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
+
+    scenario = scenario or Scenario.from_config(cfg, dataset_name)
+    dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+    lut = scenario.label_lut(cfg.CONT.TASK, train=False)
+    return build_detection_test_loader(
+        dicts, mapper=ContinualMapper(mapper, lut), num_workers=cfg.DATALOADER.NUM_WORKERS
+    )
