@@ -369,7 +369,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             memories, mask_features, queries, query_pos, (self._mask_heads(), sizes), self_mask
         )
         pred_logits = logits[-1]
-        if self.num_prompts > 0:
+        # Only with prompt sets: at step 0 there are no other groups whose classes a delta
+        # could aggregate (a positive delta would turn every base query into foreground).
+        if self.has_prompts:
             pred_logits = manipulate_logits(
                 pred_logits, sizes, self.class_groups, self.logit_deltas,
                 self._prompt_no_object_logits(outputs[-1], sizes),
