@@ -150,7 +150,29 @@ def build_step_train_loader(cfg, mapper: Callable, scenario: Optional[Scenario] 
     )
     subset = [dicts[i] for i in indices]
     lut = scenario.label_lut(step, train=True)
-    return build_detection_train_loader(cfg, mapper=ContinualMapper(mapper, lut), dataset=subset)
+    sampler = ResumableTrainingSampler(len(subset))
+    loader = build_detection_train_loader(
+        cfg, mapper=ContinualMapper(mapper, lut), dataset=subset, sampler=sampler
+    )
+    loader.resumable_sampler = sampler  # the trainer sets its start when resuming
+    return loader
+
+
+class ResumableTrainingSampler(torch.utils.data.Sampler):
+    """Detectron2's infinite :class:`TrainingSampler`, able to skip what was consumed before a
+    resume, so that a resumed step sees the same images in the same order as an uninterrupted
+    one. Set :attr:`start` (indices of this process) before iteration begins."""
+
+    def __init__(self, size: int, shuffle: bool = True, seed: Optional[int] = None):
+        from detectron2.data.samplers import TrainingSampler
+
+        self._sampler = TrainingSampler(size, shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def __iter__(self):
+        import itertools
+
+        return itertools.islice(iter(self._sampler), self.start, None)
 
 
 def build_step_test_loader(cfg, dataset_name: str, mapper: Callable, scenario: Optional[Scenario] = None):

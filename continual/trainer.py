@@ -1,0 +1,349 @@
+"""``IncrementalTrainer``: one step of a continual scenario on top of Detectron2's trainer.
+
+For step ``t = CONT.TASK`` it builds the model with the prompt sets of steps 1..t, loads the
+previous step (or ``CONT.WEIGHTS``), initialises and freezes for prompt tuning, trains on the
+images of step ``t`` with labels remapped to order positions, evaluates all seen classes on the
+full validation set, and writes the results files. A step that was interrupted continues from
+its last checkpoint with ``--resume`` (its trained prompts are kept).
+"""
+import itertools
+import json
+import logging
+import os
+import random
+import weakref
+from typing import Any, Dict, List
+
+import numpy as np
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import MetadataCatalog
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.evaluation import DatasetEvaluators
+from detectron2.solver.build import maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .checkpoint import check_checkpoint_for_step
+from .prompt_tuning import configure_trainable_parameters, initialize_new_step, trainable_parameter_names
+
+__all__ = ["IncrementalTrainer", "previous_step_weights", "build_param_groups", "StepAlreadyFinishedError"]
+
+logger = logging.getLogger(__name__)
+
+_NORM_TYPES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
+)
+
+
+class StepAlreadyFinishedError(RuntimeError):
+    """The output directory already holds the final weights of this step."""
+
+
+def previous_step_weights(cfg) -> str:
+    """``OUTPUT_ROOT/TASK_NAME/NAME/step<t-1>/model_final.pth``: what step ``t`` starts from
+    when ``CONT.WEIGHTS`` is not set."""
+    from .config import step_output_dir
+
+    return os.path.join(
+        step_output_dir(cfg.OUTPUT_ROOT, cfg.TASK_NAME, cfg.NAME, cfg.CONT.TASK - 1), "model_final.pth"
+    )
+
+
+def build_param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
+    """One AdamW parameter group per trainable tensor, as in Mask2Former / ECLIPSE.
+
+    Backbone LR x ``SOLVER.BACKBONE_MULTIPLIER``, ``predictor.mask_embed`` LR x
+    ``SOLVER.HEAD_MULTIPLIER``; normalisation layers get ``WEIGHT_DECAY_NORM``, embeddings
+    (queries, prompts, level embeddings) ``WEIGHT_DECAY_EMBED``, Swin position tables none.
+    """
+    s = cfg.SOLVER
+    groups, seen = [], set()
+    for module_name, module in model.named_modules():
+        for name, value in module.named_parameters(recurse=False):
+            if not value.requires_grad or id(value) in seen:
+                continue
+            seen.add(id(value))
+            lr, wd = s.BASE_LR, s.WEIGHT_DECAY
+            if "backbone" in module_name:
+                lr *= s.BACKBONE_MULTIPLIER
+            if ".predictor.mask_embed" in f".{module_name}":
+                lr *= s.HEAD_MULTIPLIER
+            if "relative_position_bias_table" in name or "absolute_pos_embed" in name:
+                wd = 0.0
+            if isinstance(module, _NORM_TYPES):
+                wd = s.WEIGHT_DECAY_NORM
+            if isinstance(module, nn.Embedding):
+                wd = s.WEIGHT_DECAY_EMBED
+            groups.append({"params": [value], "lr": lr, "weight_decay": wd})
+    return groups
+
+
+def _with_full_model_clipping(optim_cls, clip_norm: float, norm_type: float):
+    """An optimizer class whose ``step`` first clips the gradient norm over all parameters."""
+
+    class FullModelClipping(optim_cls):
+        def step(self, closure=None):
+            params = itertools.chain(*[g["params"] for g in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(params, clip_norm, norm_type)
+            return super().step(closure=closure)
+
+    FullModelClipping.__name__ = f"{optim_cls.__name__}WithFullModelClipping"
+    return FullModelClipping
+
+
+class IncrementalTrainer(DefaultTrainer):
+    """Trains and evaluates one step ``CONT.TASK`` of a continual scenario."""
+
+    def __init__(self, cfg):
+        # DefaultTrainer.__init__ is replaced to (a) wrap CPU models in DDP without device ids
+        # (gloo), (b) fall back to float32 when AMP is asked for without a GPU.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = self._wrap_ddp(model, cfg)
+        use_amp = cfg.SOLVER.AMP.ENABLED and torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu"
+        if cfg.SOLVER.AMP.ENABLED and not use_amp:
+            logger.info("SOLVER.AMP.ENABLED is ignored without a GPU: training in float32")
+        self._trainer = (AMPTrainer if use_amp else SimpleTrainer)(model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @staticmethod
+    def _wrap_ddp(model: nn.Module, cfg) -> nn.Module:
+        if comm.get_world_size() == 1:
+            return model
+        on_gpu = next(model.parameters()).is_cuda
+        return DistributedDataParallel(
+            model,
+            device_ids=[comm.get_local_rank()] if on_gpu else None,
+            broadcast_buffers=False,
+            # at steps > 0 most of the network is frozen and some trainable heads may not be
+            # reached by every forward pass
+            find_unused_parameters=cfg.CONT.TASK > 0,
+        )
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def build_model(cls, cfg) -> nn.Module:
+        """The model of step ``CONT.TASK`` with the step's trainable set (spec 1.8)."""
+        from detectron2.modeling import build_model
+
+        model = build_model(cfg)
+        configure_trainable_parameters(model, cfg)
+        names = trainable_parameter_names(model)
+        count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        logger.info(f"step {cfg.CONT.TASK}: {count:,} of {total:,} parameters trainable "
+                    f"({100.0 * count / max(total, 1):.2f}%) in {len(names)} tensors")
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model: nn.Module) -> torch.optim.Optimizer:
+        groups = build_param_groups(cfg, model)
+        if not groups:
+            raise ValueError("no trainable parameters: check the CONT.*_FREEZE keys and CONT.NUM_PROMPTS")
+        name = cfg.SOLVER.OPTIMIZER
+        if name == "SGD":
+            optim_cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM}
+        elif name == "ADAMW":
+            optim_cls, kwargs = torch.optim.AdamW, {}
+        else:
+            raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got {name!r}")
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+            optim_cls = _with_full_model_clipping(optim_cls, clip.CLIP_VALUE, clip.NORM_TYPE)
+            optimizer = optim_cls(groups, cfg.SOLVER.BASE_LR, **kwargs)
+        else:
+            optimizer = maybe_add_gradient_clipping(cfg, optim_cls)(groups, cfg.SOLVER.BASE_LR, **kwargs)
+        return optimizer
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        # handles WarmupPolyLR (ADE) and falls back to detectron2's schedulers (COCO)
+        from detectron2.projects.deeplab import build_lr_scheduler
+
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        from mask2former.data.dataset_mappers import build_train_mapper
+
+        from .data import build_step_train_loader
+
+        return build_step_train_loader(cfg, build_train_mapper(cfg))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        from detectron2.data import DatasetMapper
+
+        from .data import build_step_test_loader
+
+        return build_step_test_loader(cfg, dataset_name, DatasetMapper(cfg, False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        from .evaluation import ContinualPanopticEvaluator, ContinualSemSegEvaluator
+
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        kind = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
+        test = cfg.MODEL.MASK_FORMER.TEST
+        evaluators = []
+        if test.PANOPTIC_ON and kind in ("ade20k_panoptic_seg", "coco_panoptic_seg"):
+            evaluators.append(ContinualPanopticEvaluator.from_config(cfg, dataset_name, output_folder))
+        if test.SEMANTIC_ON and kind == "sem_seg":
+            evaluators.append(ContinualSemSegEvaluator.from_config(cfg, dataset_name, output_folder))
+        if not evaluators:
+            raise ValueError(
+                f"no evaluator for dataset {dataset_name!r} (evaluator_type {kind!r}) with "
+                f"PANOPTIC_ON={test.PANOPTIC_ON}, SEMANTIC_ON={test.SEMANTIC_ON}"
+            )
+        return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+    def build_hooks(self):
+        hook_list = super().build_hooks()
+        # keep only the newest periodic checkpoint (plus model_final) as the official code does
+        for h in hook_list:
+            if isinstance(h, hooks.PeriodicCheckpointer):
+                h.max_to_keep = 1
+        return hook_list
+
+    # ------------------------------------------------------------------ weights
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Resume this step from its last checkpoint, or start it.
+
+        Starting step ``t > 0`` loads ``CONT.WEIGHTS`` (or the previous step's
+        ``model_final.pth``), checks that it is the previous step's checkpoint, then initialises
+        the new prompt set (:func:`initialize_new_step`). Resuming restores model, optimizer,
+        scheduler and iteration and does **not** re-initialise the prompts.
+        """
+        cfg = self.cfg
+        step = cfg.CONT.TASK
+        final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+        if resume and self.checkpointer.has_checkpoint():
+            path = self.checkpointer.get_checkpoint_file()
+            check_checkpoint_for_step(_read_model_state(path), self.model, step, previous_step=False, source=path)
+            self.checkpointer.resume_or_load(path, resume=True)
+            self.start_iter = self.iter + 1
+            self._skip_consumed_images(self.start_iter)
+            logger.info(f"resumed step {step} from {path} at iteration {self.start_iter}")
+            return
+        if os.path.exists(final) and not cfg.CONT.OVERWRITE:
+            raise StepAlreadyFinishedError(
+                f"{final} exists: step {step} of this run is already trained. Use another NAME or "
+                f"OUTPUT_DIR, evaluate it with --eval-only, or set CONT.OVERWRITE True to train it again."
+            )
+        weights = self.step_start_weights(cfg)
+        if step > 0:
+            if not weights or not os.path.isfile(weights):
+                raise FileNotFoundError(
+                    f"step {step} starts from the step {step - 1} checkpoint {weights!r}, which does not "
+                    f"exist: train step {step - 1} first, or pass it with CONT.WEIGHTS <path>"
+                )
+            check_checkpoint_for_step(_read_model_state(weights), self.model, step, previous_step=True, source=weights)
+        self.checkpointer.resume_or_load(weights, resume=False)
+        if step > 0:
+            written = initialize_new_step(self.model)
+            logger.info(f"initialised step {step}'s prompts and class head from the base model ({len(written)} tensors)")
+        self.start_iter = 0
+
+    def _skip_consumed_images(self, start_iter: int) -> None:
+        # the data stream continues where the interrupted run stopped (exact with
+        # DATALOADER.NUM_WORKERS 0 and one aspect-ratio group; see README)
+        sampler = getattr(self.data_loader, "resumable_sampler", None)
+        if sampler is not None:
+            sampler.start = start_iter * self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+
+    def state_dict(self):
+        state = super().state_dict()
+        # random streams (augmentation, point sampling) so that a resumed step continues them
+        # (stored as tensors and plain Python values so checkpoints load with weights_only=True)
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["rng"] = {
+            "torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+            "python": random.getstate(),
+        }
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        rng = state.get("rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            name, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            version, internal, gauss_next = rng["python"]
+            random.setstate((version, tuple(internal), gauss_next))
+
+    @staticmethod
+    def step_start_weights(cfg) -> str:
+        """Weights a fresh step starts from: ``CONT.WEIGHTS``, else the previous step's final
+        checkpoint (t > 0), else ``MODEL.WEIGHTS`` (step 0, e.g. an ImageNet backbone)."""
+        if cfg.CONT.WEIGHTS:
+            return cfg.CONT.WEIGHTS
+        if cfg.CONT.TASK > 0:
+            return previous_step_weights(cfg)
+        return cfg.MODEL.WEIGHTS
+
+    # ------------------------------------------------------------------ results
+    def train(self):
+        results = super().train()
+        if comm.is_main_process():
+            results = results or getattr(self, "_last_eval_results", None)
+            if results:
+                write_step_results(self.cfg, results, train=True)
+        return results
+
+
+def _read_model_state(path: str) -> Dict[str, torch.Tensor]:
+    """The model entries of a checkpoint file (``.pth`` with or without the ``"model"`` level, or
+    a detectron2 ``.pkl``)."""
+    if path.endswith(".pkl"):
+        import pickle
+
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    state = data.get("model", data) if isinstance(data, dict) else data
+    return {k: torch.as_tensor(v) for k, v in state.items()}
+
+
+def write_step_results(cfg, results: Dict, train: bool) -> None:
+    """Write the results of one step: ``OUTPUT_DIR/eval_results.json``, the run's
+    ``metrics.json`` (every step), and after training the official CSV rows in
+    ``CONT.RESULTS_DIR/<TASK_NAME>.csv``."""
+    from .config import step_output_dir
+    from .evaluation.results import write_metrics_json, write_official_results
+
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
+        json.dump(_to_builtin(results), f, indent=2)
+    run_dir = step_output_dir(cfg.OUTPUT_ROOT, cfg.TASK_NAME, cfg.NAME, cfg.CONT.TASK)
+    run_dir = os.path.dirname(os.path.normpath(run_dir))
+    key = cfg.CONT.TASK if train else f"{cfg.CONT.TASK}-eval"
+    write_metrics_json(os.path.join(run_dir, "metrics.json"), key, _to_builtin(results))
+    if train:
+        write_official_results(cfg.CONT.RESULTS_DIR, cfg.TASK_NAME, cfg.NAME, cfg.CONT.TASK, results)
+
+
+def _to_builtin(obj):
+    if isinstance(obj, dict):
+        return {str(k): _to_builtin(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_builtin(v) for v in obj]
+    if hasattr(obj, "item"):
+        return obj.item() if getattr(obj, "ndim", 0) == 0 else obj.tolist()
+    return obj
