@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# ADE20K continual panoptic segmentation 100-50: 100 base classes, then 1 step of 50.
+# Hyper-parameters of the official ECLIPSE script (ECLIPSE_SPEC.md section 7). Environment
+# variables (data root, step-0 checkpoint, which steps to run, ...) are listed in script/common.sh.
+source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
+
+CONFIG=${CONFIG:-$REPO_ROOT/configs/ade20k/panoptic-segmentation/maskformer2_R50_bs16_160k.yaml}
+DEFAULT_OUTPUT_ROOT=results/ade_ps
+DEFAULT_NAME=adps_100_50
+BASE=100; INC=50; STEPS=1; QUERIES=100
+STEP0_ITERS=160000; STEP0_LR=0.0001; STEP0_EVAL=5000
+PROMPTS=50; ITERS=80000; LR=0.0005; EVAL_PERIOD=4000
+TRAIN_DELTAS='[0.6,-0.6]'
+EVAL_DELTAS='[-0.4,-0.6]'
+STEP0_CKPT=results/ade_ps_100_step0.pth
+FINAL_CKPT=results/ade_ps_100_50_final.pth
+
+run_scenario

@@ -1,0 +1,107 @@
+# Shared driver of the scenario scripts (sourced by script/<benchmark>/<scenario>.sh).
+#
+# A scenario script sets the official hyper-parameters (CONFIG, BASE, INC, STEPS, QUERIES, STEP0_*,
+# PROMPTS, ITERS, LR, EVAL_PERIOD, TRAIN_DELTAS, EVAL_DELTAS, STEP0_CKPT, FINAL_CKPT) and calls
+# run_scenario. Users steer a run with environment variables:
+#
+#   DETECTRON2_DATASETS  dataset root (default: datasets); must exist
+#   STEP0_WEIGHTS        step-0 checkpoint to start step 1 from (default: the released file name
+#                        under results/, e.g. results/ade_ps_100_step0.pth)
+#   RUN_STEP0=1          train step 0 here instead of loading STEP0_WEIGHTS
+#   FIRST_STEP, LAST_STEP  train only steps FIRST_STEP..LAST_STEP (default 1..STEPS)
+#   RUN_EVAL=0           skip the final evaluation with the evaluation deltas
+#   EVAL_WEIGHTS         checkpoint for the final evaluation (default: this run's last step;
+#                        e.g. the released results/ade_ps_100_5_final.pth)
+#   NAME, OUTPUT_ROOT    run name and output root (outputs: OUTPUT_ROOT/<task name>/NAME/step<t>)
+#   NUM_GPUS             processes (default: number of GPUs from nvidia-smi, else 1)
+#   PYTHON               interpreter (default: python)
+#   EXTRA_ARGS           extra KEY VALUE overrides appended to every command (e.g. a smaller model)
+#   RESUME=1             pass --resume (continue interrupted steps)
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+die() { echo "error: $*" >&2; exit 1; }
+
+count_gpus() {
+    if [ -n "${NUM_GPUS:-}" ]; then echo "$NUM_GPUS"; return; fi
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --list-gpus >/dev/null 2>&1; then
+        local n; n=$(nvidia-smi --list-gpus | wc -l)
+        [ "$n" -gt 0 ] && { echo "$n"; return; }
+    fi
+    echo 1
+}
+
+run_scenario() {
+    local python=${PYTHON:-python}
+    local data=${DETECTRON2_DATASETS:-datasets}
+    [ -d "$data" ] || die "dataset root DETECTRON2_DATASETS=$data does not exist: prepare the datasets as in datasets/README.md and export DETECTRON2_DATASETS=/path/to/datasets"
+    export DETECTRON2_DATASETS=$data
+    local gpus; gpus=$(count_gpus)
+    local name=${NAME:-$DEFAULT_NAME}
+    local output_root=${OUTPUT_ROOT:-$DEFAULT_OUTPUT_ROOT}
+    local first=${FIRST_STEP:-1} last=${LAST_STEP:-$STEPS}
+    local resume=(); [ "${RESUME:-0}" = 1 ] && resume=(--resume)
+    local extra=(); [ -n "${EXTRA_ARGS:-}" ] && read -r -a extra <<< "$EXTRA_ARGS"
+
+    local common=(--num-gpus "$gpus" --config-file "$CONFIG"
+        OUTPUT_DIR "$output_root"
+        MODEL.MASK_FORMER.TEST.MASK_BG False MODEL.MASK_FORMER.PER_PIXEL False MODEL.MASK_FORMER.FOCAL True
+        CONT.BASE_CLS "$BASE" CONT.INC_CLS "$INC" CONT.MODE overlap SEED 42
+        MODEL.MASK_FORMER.NUM_OBJECT_QUERIES "$QUERIES"
+        MODEL.MASK_FORMER.DICE_WEIGHT 5.0 MODEL.MASK_FORMER.MASK_WEIGHT 5.0
+        MODEL.MASK_FORMER.SOFTMASK False CONT.SOFTCLS False)
+    local vpt=(CONT.NUM_PROMPTS "$PROMPTS" MODEL.MASK_FORMER.CLASS_WEIGHT 10.0
+        CONT.BACKBONE_FREEZE True CONT.CLS_HEAD_FREEZE True CONT.MASK_HEAD_FREEZE True
+        CONT.PIXEL_DECODER_FREEZE True CONT.QUERY_EMBED_FREEZE True CONT.TRANS_DECODER_FREEZE True
+        CONT.PROMPT_MASK_MLP True CONT.PROMPT_NO_OBJ_MLP False CONT.PROMPT_DEEP True CONT.DEEP_CLS True)
+
+    local step0=${STEP0_WEIGHTS:-$STEP0_CKPT}
+    if [ "${RUN_STEP0:-0}" = 1 ]; then
+        echo "== step 0: $BASE base classes"
+        "$python" "$REPO_ROOT/train_continual.py" "${common[@]}" "${resume[@]}" \
+            MODEL.MASK_FORMER.CLASS_WEIGHT 2.0 CONT.NUM_PROMPTS 0 CONT.DEEP_CLS True CONT.TASK 0 \
+            SOLVER.MAX_ITER "$STEP0_ITERS" SOLVER.BASE_LR "$STEP0_LR" TEST.EVAL_PERIOD "$STEP0_EVAL" \
+            SOLVER.CHECKPOINT_PERIOD "$STEP0_EVAL" NAME "$name" WANDB False "${extra[@]}"
+        step0=$(task_output "$python" "$output_root" "$name" 0 "${common[@]}" "${extra[@]}")/model_final.pth
+    elif [ "$first" -le 1 ] && [ "$last" -ge 1 ]; then
+        [ -f "$step0" ] || die "step-0 checkpoint STEP0_WEIGHTS=$step0 not found: download the released $(basename "$STEP0_CKPT") (see README, 'Released checkpoints') and set STEP0_WEIGHTS=/path/to/it, or train step 0 here with RUN_STEP0=1"
+    fi
+
+    local t
+    for ((t = first; t <= last; t++)); do
+        local weights=(); [ "$t" = 1 ] && weights=(CONT.WEIGHTS "$step0")
+        echo "== step $t of $STEPS: $INC new classes"
+        "$python" "$REPO_ROOT/train_continual.py" "${common[@]}" "${resume[@]}" "${vpt[@]}" \
+            CONT.TASK "$t" SOLVER.MAX_ITER "$ITERS" SOLVER.BASE_LR "$LR" TEST.EVAL_PERIOD "$EVAL_PERIOD" \
+            SOLVER.CHECKPOINT_PERIOD 500000 "${weights[@]}" CONT.LOGIT_MANI_DELTAS "$TRAIN_DELTAS" \
+            NAME "$name" WANDB False "${extra[@]}"
+    done
+
+    if [ "${RUN_EVAL:-1}" = 1 ]; then
+        local final=${EVAL_WEIGHTS:-}
+        if [ -z "$final" ]; then
+            final=$(task_output "$python" "$output_root" "$name" "$STEPS" "${common[@]}" "${extra[@]}")/model_final.pth
+        fi
+        [ -f "$final" ] || die "final checkpoint $final not found: train all $STEPS steps first, or set EVAL_WEIGHTS (e.g. the released $(basename "$FINAL_CKPT"))"
+        echo "== evaluation of step $STEPS with deltas $EVAL_DELTAS"
+        "$python" "$REPO_ROOT/train_continual.py" --eval-only "${common[@]}" "${vpt[@]}" \
+            CONT.TASK "$STEPS" CONT.WEIGHTS "$final" CONT.LOGIT_MANI_DELTAS "$EVAL_DELTAS" \
+            NAME "$name" WANDB False "${extra[@]}"
+    fi
+}
+
+# The output folder of step $4 for the given config arguments (asks the config code, so the
+# task-name rule lives in one place).
+task_output() {
+    local python=$1 root=$2 name=$3 step=$4; shift 4
+    local args=() skip=0 a
+    for a in "$@"; do  # drop --num-gpus N; keep the config file and overrides
+        if [ "$skip" = 1 ]; then skip=0; continue; fi
+        if [ "$a" = --num-gpus ]; then skip=1; continue; fi
+        args+=("$a")
+    done
+    "$python" -m continual.config output-dir "${args[@]}" OUTPUT_DIR "$root" NAME "$name" CONT.TASK "$step" 2>/dev/null \
+        || die "could not derive the output folder of step $step (check CONFIG and EXTRA_ARGS)"
+}
