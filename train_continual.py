@@ -14,6 +14,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 import mask2former  # noqa: F401  (registers the model and the datasets)
 from continual.checkpoint import check_checkpoint_for_step
@@ -41,6 +42,8 @@ def setup(args):
             cfg.MODEL.WEIGHTS = cfg.CONT.WEIGHTS
     cfg.freeze()
     default_setup(cfg, args)
+    for name in ("continual", "mask2former", "train_continual"):
+        setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name, abbrev_name=name[:4])
     if cfg.WANDB and comm.is_main_process():
         _init_wandb(cfg)
     return cfg

@@ -237,6 +237,7 @@ class IncrementalTrainer(DefaultTrainer):
             self.checkpointer.resume_or_load(path, resume=True)
             self.start_iter = self.iter + 1
             self._skip_consumed_images(self.start_iter)
+            self._continue_random_streams(getattr(self, "_pending_rng", None))
             logger.info(f"resumed step {step} from {path} at iteration {self.start_iter}")
             return
         if os.path.exists(final) and not cfg.CONT.OVERWRITE:
@@ -265,6 +266,23 @@ class IncrementalTrainer(DefaultTrainer):
         if sampler is not None:
             sampler.start = start_iter * self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
 
+    def _continue_random_streams(self, rng) -> None:
+        """Continue the random streams of the checkpoint. NumPy and Python (augmentation) are
+        restored now; torch's once the first batch is fetched, because opening the data stream
+        draws a loader seed from torch's generator, which the uninterrupted run did at its start."""
+        if not rng:
+            return
+        self._restore_rng({k: v for k, v in rng.items() if k != "torch"})
+        batches = iter(self.data_loader)
+
+        def resumed_stream():
+            first = next(batches)
+            torch.set_rng_state(rng["torch"])
+            yield first
+            yield from batches
+
+        self._trainer._data_loader_iter_obj = resumed_stream()
+
     def state_dict(self):
         state = super().state_dict()
         # random streams (augmentation, point sampling) so that a resumed step continues them
@@ -279,11 +297,17 @@ class IncrementalTrainer(DefaultTrainer):
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        rng = state.get("rng")
-        if rng:
+        # applied by resume_or_load once the data stream is open
+        self._pending_rng = state.get("rng")
+
+    @staticmethod
+    def _restore_rng(rng) -> None:
+        if "torch" in rng:
             torch.set_rng_state(rng["torch"])
+        if "numpy" in rng:
             name, keys, pos, has_gauss, gauss = rng["numpy"]
             np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        if "python" in rng:
             version, internal, gauss_next = rng["python"]
             random.setstate((version, tuple(internal), gauss_next))
 
