@@ -36,8 +36,9 @@ def _env(data_root, **extra):
     return env
 
 
-def _train(data_root, out, name, *opts, check=True, resume=False, eval_only=False):
+def _train(data_root, out, name, *opts, check=True, resume=False, eval_only=False, processes=1):
     cmd = [sys.executable, str(REPO / "train_continual.py"), "--config-file", str(CONFIG)]
+    cmd += ["--num-gpus", str(processes)] if processes > 1 else []
     cmd += ["--resume"] if resume else []
     cmd += ["--eval-only"] if eval_only else []
     cmd += ["OUTPUT_DIR", str(out), "NAME", name, "CONT.RESULTS_DIR", str(out / "results"), *SMALL, *opts]
@@ -152,3 +153,17 @@ def test_eval_only_with_a_checkpoint_of_another_step_stops(scenario_run, data_ro
     assert res.returncode != 0
     text = res.stdout + res.stderr
     assert "prompt_feat.1.weight" in text and "CONT.TASK 1" in text
+
+
+def test_two_processes_train_a_prompt_step_with_ddp_on_cpu(scenario_run, data_root, tmp_path):
+    _, run = scenario_run
+    step0 = run / "step0" / "model_final.pth"
+    _train(data_root, tmp_path, "ddp", *_step_opts(1), "CONT.WEIGHTS", str(step0), "SOLVER.MAX_ITER", "2",
+           "SOLVER.IMS_PER_BATCH", "4", processes=2)
+    before = torch.load(step0, weights_only=True)["model"]
+    after = torch.load(tmp_path / TASK / "ddp" / "step1" / "model_final.pth", weights_only=True)["model"]
+    assert "sem_seg_head.predictor.prompt_feat.0.weight" in after
+    for key, value in before.items():
+        if ".class_embed.cls.0." not in key:
+            assert torch.equal(value, after[key]), key
+    assert (tmp_path / TASK / "ddp" / "step1" / "eval_results.json").is_file()
