@@ -18,7 +18,7 @@ demo: venv
 	$(PY) tools/demo_smoke.py --config-file configs/synthetic/maskformer2_R18_tiny.yaml --output output/demo
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 check-reference: venv
 	@set -e; for manifest in tests/fixtures/*/manifest.json; do \
