@@ -38,12 +38,13 @@ import logging
 import os
 import re
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
+
+from .io import atomic_write
 
 __all__ = [
     "MODES",
@@ -561,24 +562,14 @@ def _load_matrix(path: str, expected_shape, scenario_desc: str) -> np.ndarray:
 
 
 def _save_atomic(path: str, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file in the same folder and ``os.replace``."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """``np.save`` through a temporary file in the same folder and ``os.replace``; a cache that
+    cannot be written is only a warning (the membership is recomputed next time)."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=folder)
+        with atomic_write(path, binary=True) as f:
+            np.save(f, array)
     except OSError as e:
         logger.warning("cannot write the step-index cache %s (%s); continuing without it", path, e)
         return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     logger.info("Saved the step membership to %s", path)
 
 

@@ -8,11 +8,12 @@ written here reproduce those files byte for byte (up to the printing of the numb
 import json
 import math
 import os
-import tempfile
 from contextlib import contextmanager
 from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
+
+from ..io import atomic_write
 
 __all__ = [
     "append_official_csv",
@@ -167,15 +168,6 @@ def write_metrics_json(path: str, step: int, results: Mapping) -> Dict[str, dict
                 entry[task] = metrics
         data[str(step)] = entry
         data = dict(sorted(data.items(), key=lambda kv: _step_sort_key(kv[0])))
-        fd, tmp = tempfile.mkstemp(prefix=".metrics.", suffix=".json", dir=folder)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=1, allow_nan=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_write(path) as f:
+            json.dump(data, f, indent=1, allow_nan=False)
     return data
