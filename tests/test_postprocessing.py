@@ -21,6 +21,8 @@ from mask2former.modeling.postprocessing import (
     instance_inference,
     panoptic_inference,
     postprocess_batch,
+    postprocess_image,
+    queries_needed,
     semantic_inference,
     semantic_inference_soft,
     upsample_masks,
@@ -396,3 +398,54 @@ def test_panoptic_matches_per_query_loop(seed, overlap_threshold):
     ref_pan, ref_info = _reference_panoptic(cls, masks, num_classes, things, overlap_threshold)
     assert torch.equal(pan, ref_pan)
     assert info == ref_info
+
+
+# --------------------------------------------------------------------------------------------
+# only the needed queries are upsampled
+
+
+def _straightforward_batch(pred_logits, pred_masks, image_sizes, output_sizes, padded_size, settings):
+    upsampled = upsample_masks(pred_masks, padded_size)
+    return [postprocess_image(c, m, i, o, settings)
+            for c, m, i, o in zip(pred_logits, upsampled, image_sizes, output_sizes)]
+
+
+@pytest.mark.parametrize("outputs", [
+    dict(panoptic_on=True),
+    dict(panoptic_on=True, semantic_on=True, instance_on=True),
+    dict(panoptic_on=False, semantic_on=True, sem_seg_postprocess_before_inference=False),
+    dict(panoptic_on=False, semantic_on=True, semantic_mode="soft"),
+    dict(panoptic_on=False, instance_on=True),
+])
+def test_upsampling_only_needed_queries_gives_the_straightforward_results(outputs):
+    torch.manual_seed(3)
+    num_classes, queries = 12, 60
+    settings = PostProcessSettings(num_classes=num_classes, thing_ids=frozenset(range(1, 13, 2)),
+                                   test_topk_per_image=20, **outputs)
+    logits = torch.randn(2, queries, num_classes + 1) * 3
+    logits[:, ::3, -1] += 8  # a third of the queries predict no-object
+    masks = torch.randn(2, queries, 10, 14) * 4
+    sizes, out_sizes, padded = [(40, 50), (33, 56)], [(40, 50), (70, 90)], (40, 56)
+    fast = postprocess_batch(logits, masks, sizes, out_sizes, padded, settings)
+    slow = _straightforward_batch(logits, masks, sizes, out_sizes, padded, settings)
+    for a, b in zip(fast, slow):
+        assert a.keys() == b.keys()
+        if "panoptic_seg" in a:
+            assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
+            assert a["panoptic_seg"][1] == b["panoptic_seg"][1]
+        if "sem_seg" in a:
+            assert torch.equal(a["sem_seg"], b["sem_seg"])
+        if "instances" in a:
+            rows = lambda inst: sorted(zip(inst.scores.tolist(), inst.pred_classes.tolist(),
+                                           [m.numpy().tobytes() for m in inst.pred_masks]))
+            assert rows(a["instances"]) == rows(b["instances"])
+
+
+def test_only_kept_queries_are_needed():
+    settings = PostProcessSettings(num_classes=3, panoptic_on=True)
+    logits = torch.tensor([[5.0, 0, 0, 0], [0, 0, 0, 5.0], [0, 4.0, 0, 0], [0, 0, 0, 9.0]])
+    assert queries_needed(logits, settings).tolist() == [0, 2]
+    assert queries_needed(torch.full((4, 4), -1.0).index_fill_(1, torch.tensor([3]), 5.0), settings).numel() == 0
+    empty = postprocess_batch(torch.full((1, 4, 4), -1.0).index_fill_(2, torch.tensor([3]), 5.0),
+                              torch.randn(1, 4, 4, 4), [(16, 16)], [(16, 16)], (16, 16), settings)
+    assert empty[0]["panoptic_seg"][1] == [] and int(empty[0]["panoptic_seg"][0].abs().sum()) == 0

@@ -38,6 +38,7 @@ __all__ = [
     "inference_mask_input",
     "postprocess_image",
     "postprocess_batch",
+    "queries_needed",
 ]
 
 SEMANTIC_MODES = ("hard", "soft")
@@ -420,8 +421,11 @@ def upsample_masks(pred_masks: torch.Tensor, padded_size: Sequence[int]) -> torc
         padded_size: (Hp, Wp) of the padded input batch.
 
     Returns:
-        [B, Q, Hp, Wp] bilinear (``align_corners=False``) upsampled logits.
+        [B, Q, Hp, Wp] bilinear (``align_corners=False``) upsampled logits (Q may be 0: an
+        image where no query is kept).
     """
+    if pred_masks.shape[1] == 0:  # F.interpolate rejects an empty channel dimension
+        return pred_masks.new_zeros((pred_masks.shape[0], 0, *tuple(padded_size)))
     return F.interpolate(
         pred_masks, size=tuple(padded_size), mode="bilinear", align_corners=False
     )
@@ -521,10 +525,42 @@ def postprocess_batch(
     Returns:
         B dicts, see :func:`postprocess_image`.
     """
-    upsampled = upsample_masks(pred_masks, padded_size)
-    return [
-        postprocess_image(mask_cls, mask_pred, image_size, output_size, settings)
-        for mask_cls, mask_pred, image_size, output_size in zip(
-            pred_logits, upsampled, image_sizes, output_sizes
-        )
-    ]
+    results = []
+    for mask_cls, masks, image_size, output_size in zip(pred_logits, pred_masks, image_sizes, output_sizes):
+        # only the queries some output can use are upsampled: the cost follows the kept
+        # segments, not the number of queries (per-query upsampling is independent, so the
+        # results are those of upsampling everything)
+        needed = queries_needed(mask_cls, settings)
+        if needed.numel() == 0:
+            # keep one query so that the resizing ops see a non-empty tensor; it is not kept
+            # by any routine, so the outputs are empty as they should be
+            needed = needed.new_zeros(1)
+        upsampled = upsample_masks(masks[needed].unsqueeze(0), padded_size)[0]
+        results.append(postprocess_image(mask_cls[needed], upsampled, image_size, output_size, settings))
+    return results
+
+
+def queries_needed(mask_cls: torch.Tensor, settings: PostProcessSettings) -> torch.Tensor:
+    """Indices (ascending) of the queries whose masks the enabled outputs can use.
+
+    Hard semantic and panoptic inference use the queries kept by their score threshold;
+    instance inference the queries of the top-k (query, class) pairs; soft semantic inference
+    every query. Passing only these queries, in their original order, to
+    :func:`postprocess_image` gives the same results as passing all of them.
+
+    Args:
+        mask_cls: [Q, C+1] class logits of one image.
+    """
+    s = settings
+    num_queries = mask_cls.shape[0]
+    if s.semantic_on and s.semantic_mode == "soft":
+        return torch.arange(num_queries, device=mask_cls.device)
+    needed = torch.zeros(num_queries, dtype=torch.bool, device=mask_cls.device)
+    if s.panoptic_on or s.semantic_on:
+        scores, labels = class_scores_and_labels(mask_cls, s.use_sigmoid)
+        needed |= labels.ne(s.num_classes) & (scores > s.object_mask_threshold)
+    if s.instance_on:
+        probs = (mask_cls.sigmoid() if s.use_sigmoid else F.softmax(mask_cls, dim=-1))[:, :-1]
+        k = min(s.test_topk_per_image, probs.numel())
+        needed[probs.flatten().topk(k, sorted=False).indices // s.num_classes] = True
+    return needed.nonzero().flatten()
