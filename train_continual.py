@@ -18,7 +18,7 @@ from detectron2.utils.logger import setup_logger
 
 import mask2former  # noqa: F401  (registers the model and the datasets)
 from continual.checkpoint import check_checkpoint_for_step
-from continual.config import add_continual_config, setup_continual_names
+from continual.config import add_continual_config, merge_config, setup_continual_names
 from continual.trainer import IncrementalTrainer, _read_model_state, write_step_results
 from mask2former.config import add_maskformer2_config
 
@@ -30,8 +30,7 @@ def setup(args):
     cfg = get_cfg()
     add_maskformer2_config(cfg)
     add_continual_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         cfg.MODEL.DEVICE = "cpu"
     setup_continual_names(cfg)

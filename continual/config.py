@@ -9,7 +9,7 @@ import sys
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_continual_config", "task_name", "step_output_dir", "setup_continual_names"]
+__all__ = ["add_continual_config", "task_name", "step_output_dir", "setup_continual_names", "merge_config"]
 
 
 def add_continual_config(cfg: CN) -> None:
@@ -123,6 +123,39 @@ def setup_continual_names(cfg: CN) -> None:
     cfg.OUTPUT_DIR = step_output_dir(cfg.OUTPUT_ROOT, cfg.TASK_NAME, cfg.NAME, cfg.CONT.TASK)
 
 
+def _all_keys(node: CN, prefix: str = ""):
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, CN):
+            yield from _all_keys(value, full + ".")
+        else:
+            yield full
+
+
+def merge_config(cfg: CN, config_file: str, opts) -> CN:
+    """Merge ``config_file`` and the ``KEY VALUE`` list ``opts`` into ``cfg``.
+
+    An unknown key stops with a ``KeyError`` that names the key, where it came from and the
+    closest known keys (yacs only says "Non-existent key").
+    """
+    import difflib
+
+    for source, merge in ((config_file, lambda: cfg.merge_from_file(config_file)),
+                          ("the command line", lambda: cfg.merge_from_list(list(opts)))):
+        try:
+            merge()
+        except (AssertionError, KeyError) as e:
+            text = str(e).strip("'\"")
+            if not text.startswith("Non-existent"):
+                raise
+            key = text.split(":", 1)[1].strip()
+            close = difflib.get_close_matches(key, list(_all_keys(cfg)), n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(close)}?" if close else ""
+            raise KeyError(f"unknown config key {key} in {source}.{hint} Known keys are defined in "
+                           f"mask2former/config.py, continual/config.py and detectron2's defaults.") from None
+    return cfg
+
+
 def _main(argv=None) -> None:
     """``python -m continual.config output-dir --config-file F [KEY VALUE ...]`` prints the
     step folder ``OUTPUT_DIR`` a run with these arguments uses (for the scenario scripts)."""
@@ -142,8 +175,7 @@ def _main(argv=None) -> None:
     cfg = get_cfg()
     add_maskformer2_config(cfg)
     add_continual_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    merge_config(cfg, args.config_file, args.opts)
     setup_continual_names(cfg)
     print(cfg.OUTPUT_DIR)
 

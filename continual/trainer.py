@@ -323,7 +323,15 @@ class IncrementalTrainer(DefaultTrainer):
 
     # ------------------------------------------------------------------ results
     def train(self):
-        results = super().train()
+        try:
+            results = super().train()
+        except FloatingPointError as e:
+            # detectron2 stops before the optimizer step, so the weights on disk are intact
+            last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
+            where = (f"The last good checkpoint is {last}; continue from it with --resume after "
+                     f"lowering SOLVER.BASE_LR or fixing the data." if last else
+                     "No checkpoint of this step was written yet (see SOLVER.CHECKPOINT_PERIOD).")
+            raise FloatingPointError(f"{e}\nStep {self.cfg.CONT.TASK} stopped. {where}") from e
         if comm.is_main_process():
             results = results or getattr(self, "_last_eval_results", None)
             if results:

@@ -27,6 +27,10 @@ def add_maskformer2_config(cfg: CN) -> None:
     cfg.INPUT.MIN_SCALE = 0.1
     cfg.INPUT.MAX_SCALE = 2.0
 
+    # not in the official code: skip (with a warning) a training sample whose image or
+    # annotation cannot be read, instead of stopping the run
+    cfg.DATALOADER.SKIP_UNREADABLE_FILES = False
+
     # solver
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     cfg.SOLVER.OPTIMIZER = "ADAMW"

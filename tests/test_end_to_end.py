@@ -137,13 +137,13 @@ def test_resumed_step_ends_with_the_same_weights(scenario_run, data_root, tmp_pa
 
 def test_a_finished_step_is_never_trained_over(scenario_run, data_root):
     out, run = scenario_run
-    final = run / "step1" / "model_final.pth"
-    before = _sha(final)
+    finals = {step: run / f"step{step}" / "model_final.pth" for step in (0, 1)}
+    before = {step: _sha(path) for step, path in finals.items()}
     res = _train(data_root, out, "syn_6_2", *_step_opts(1), check=False)
     assert res.returncode != 0
     assert "already trained" in res.stdout + res.stderr and "CONT.OVERWRITE" in res.stdout + res.stderr
-    assert _sha(final) == before
-    assert _sha(run / "step0" / "model_final.pth") == _sha(run / "step0" / "model_final.pth")
+    # neither this step's weights nor those of the step it starts from were touched
+    assert {step: _sha(path) for step, path in finals.items()} == before
 
 
 def test_eval_only_with_a_checkpoint_of_another_step_stops(scenario_run, data_root):

@@ -1,5 +1,4 @@
 """Training mapper for panoptic segmentation: image + COCO panoptic PNG -> Mask2Former targets."""
-import copy
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -67,6 +66,7 @@ class MaskFormerPanopticDatasetMapper(MaskFormerSemanticDatasetMapper):
         ignore_label: int,
         size_divisibility: int,
         remove_bkg: bool,
+        skip_unreadable: bool = False,
     ):
         """Arguments as for :class:`MaskFormerSemanticDatasetMapper`."""
         super().__init__(
@@ -76,6 +76,7 @@ class MaskFormerPanopticDatasetMapper(MaskFormerSemanticDatasetMapper):
             ignore_label=ignore_label,
             size_divisibility=size_divisibility,
             remove_bkg=remove_bkg,
+            skip_unreadable=skip_unreadable,
         )
         # only a category-area constrained crop looks at the class map before the transforms
         self._crop_inspects_classes = any(
@@ -101,15 +102,9 @@ class MaskFormerPanopticDatasetMapper(MaskFormerSemanticDatasetMapper):
         pan_seg = read_image_file(dataset_dict["pan_seg_file_name"], format="RGB", kind="panoptic annotation")
         return {"image": image, "pan_seg": pan_seg}
 
-    def __call__(self, dataset_dict: Dict) -> Dict:
-        """
-        Args:
-            dataset_dict: one record (``file_name``, ``pan_seg_file_name``, ``segments_info``).
-        Returns:
-            the model input described in the class docstring.
-        """
-        dataset_dict = copy.deepcopy(dataset_dict)
-        files = self.read_files(dataset_dict)
+    def map_files(self, dataset_dict: Dict, files: Dict) -> Dict:
+        """Turn one record (``file_name``, ``pan_seg_file_name``, ``segments_info``) and its
+        decoded files (:meth:`read_files`) into the model input."""
         image, pan_seg = files["image"], files["pan_seg"]
         utils.check_image_size(dataset_dict, image)
         if pan_seg.shape[:2] != image.shape[:2]:

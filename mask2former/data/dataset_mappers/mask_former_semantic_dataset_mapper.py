@@ -15,7 +15,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import Instances
 
 from .color_augmentation import ColorAugSSD
-from .file_reading import read_image_file, read_label_file
+from .file_reading import UnreadableFileError, read_image_file, read_label_file
 
 __all__ = ["MaskFormerSemanticDatasetMapper", "build_mask_former_train_augmentations", "pad_to_divisible"]
 
@@ -105,6 +105,7 @@ class MaskFormerSemanticDatasetMapper:
         ignore_label: int,
         size_divisibility: int,
         remove_bkg: bool,
+        skip_unreadable: bool = False,
     ):
         """
         Args:
@@ -114,6 +115,8 @@ class MaskFormerSemanticDatasetMapper:
             ignore_label: the label ignored by the loss; fills the label padding.
             size_divisibility: pad training inputs to a multiple of this (<= 0: no padding).
             remove_bkg: drop class 0 from the targets.
+            skip_unreadable: a sample whose file cannot be read is skipped with a warning
+                (the loader draws another one) instead of stopping the run.
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
@@ -121,6 +124,7 @@ class MaskFormerSemanticDatasetMapper:
         self.ignore_label = ignore_label
         self.size_divisibility = size_divisibility
         self.remove_bkg = remove_bkg
+        self.skip_unreadable = skip_unreadable
         mode = "training" if is_train else "inference"
         logging.getLogger(__name__).info(f"[{type(self).__name__}] Augmentations used in {mode}: {augmentations}")
 
@@ -134,6 +138,7 @@ class MaskFormerSemanticDatasetMapper:
             "ignore_label": _train_ignore_label(cfg),
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
             "remove_bkg": not cfg.MODEL.MASK_FORMER.TEST.MASK_BG,
+            "skip_unreadable": cfg.DATALOADER.SKIP_UNREADABLE_FILES,
         }
 
     # ----------------------------------------------------------------------------- reading
@@ -151,15 +156,26 @@ class MaskFormerSemanticDatasetMapper:
         return {"image": image, "sem_seg": sem_seg}
 
     # ----------------------------------------------------------------------------- mapping
-    def __call__(self, dataset_dict: Dict) -> Dict:
+    def __call__(self, dataset_dict: Dict) -> Optional[Dict]:
         """
         Args:
-            dataset_dict: one record of the dataset (``file_name``, ``sem_seg_file_name``).
+            dataset_dict: one record of the dataset.
         Returns:
-            the model input described in the class docstring.
+            the model input described in the class docstring, or None for a skipped sample
+            (unreadable file with ``skip_unreadable``).
         """
         dataset_dict = copy.deepcopy(dataset_dict)
-        files = self.read_files(dataset_dict)
+        try:
+            files = self.read_files(dataset_dict)
+        except UnreadableFileError as e:
+            if not self.skip_unreadable:
+                raise
+            logging.getLogger(__name__).warning(f"{e}; skipping the sample (DATALOADER.SKIP_UNREADABLE_FILES True)")
+            return None
+        return self.map_files(dataset_dict, files)
+
+    def map_files(self, dataset_dict: Dict, files: Dict) -> Dict:
+        """Turn one record and its decoded files (:meth:`read_files`) into the model input."""
         image, sem_seg = files["image"], files["sem_seg"]
         utils.check_image_size(dataset_dict, image)
         if sem_seg is None:

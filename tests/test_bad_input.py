@@ -1,0 +1,118 @@
+"""Bad input stops with a clear message, or is skipped when configured to; nothing is lost."""
+import logging
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, build_cfg
+
+SYNTHETIC = REPO / "configs" / "synthetic" / "maskformer2_R18_tiny.yaml"
+
+
+@pytest.fixture
+def synthetic_data(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO / "datasets"))
+    from generate_synthetic import generate
+
+    generate(str(tmp_path / "synthetic"), num_train=8, num_val=2, size=64, seed=1)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    return tmp_path
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+
+
+def test_unreadable_image_is_named_or_skipped_when_configured(synthetic_data, caplog):
+    import mask2former  # noqa: F401
+    from detectron2.data import DatasetCatalog
+
+    from mask2former.data.dataset_mappers import MaskFormerPanopticDatasetMapper
+    from mask2former.data.dataset_mappers.file_reading import UnreadableFileError
+
+    record = DatasetCatalog.get("synthetic_panoptic_train")[0]
+    _truncate(synthetic_data / "synthetic" / "images" / "training" / record["file_name"].split("/")[-1])
+    cfg = build_cfg(SYNTHETIC)
+    with pytest.raises(UnreadableFileError, match=record["file_name"].split("/")[-1]):
+        MaskFormerPanopticDatasetMapper(cfg, True)(record)
+
+    cfg.DATALOADER.SKIP_UNREADABLE_FILES = True
+    with caplog.at_level(logging.WARNING):
+        assert MaskFormerPanopticDatasetMapper(cfg, True)(record) is None
+    assert "skipping" in caplog.text and "SKIP_UNREADABLE_FILES" in caplog.text
+
+
+def test_truncated_panoptic_annotation_is_named(synthetic_data):
+    import mask2former  # noqa: F401
+    from detectron2.data import DatasetCatalog
+
+    from mask2former.data.dataset_mappers import MaskFormerPanopticDatasetMapper
+
+    record = DatasetCatalog.get("synthetic_panoptic_train")[1]
+    from pathlib import Path
+
+    _truncate(Path(record["pan_seg_file_name"]))
+    with pytest.raises(OSError, match="panoptic annotation.*" + Path(record["pan_seg_file_name"]).name):
+        MaskFormerPanopticDatasetMapper(build_cfg(SYNTHETIC), True)(record)
+
+
+def test_missing_dataset_root_names_the_path_and_the_command(tmp_path, monkeypatch):
+    import mask2former  # noqa: F401
+    from detectron2.data import DatasetCatalog
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError) as err:
+        DatasetCatalog.get("myade20k_panoptic_train")
+    assert "nowhere" in str(err.value) and "prepare_ade20k_pan_seg.py" in str(err.value)
+
+
+def test_unknown_config_key_is_named_with_the_closest_known_key():
+    from continual.config import merge_config
+
+    cfg = build_cfg()
+    with pytest.raises(KeyError) as err:
+        merge_config(cfg, str(SYNTHETIC), ["CONT.NUM_PROMPT", "10"])
+    assert "CONT.NUM_PROMPT in the command line" in str(err.value)
+    assert "Did you mean CONT.NUM_PROMPTS" in str(err.value)
+
+
+def test_task_beyond_the_scenario_is_refused():
+    from continual.scenario import Scenario
+
+    cfg = build_cfg(SYNTHETIC, ["CONT.TASK", "3"])
+    with pytest.raises(ValueError, match="CONT.TASK"):
+        Scenario.from_config(cfg)
+
+
+def test_non_finite_loss_stops_with_iteration_and_terms_and_keeps_the_checkpoint(synthetic_data, tmp_path):
+    import mask2former  # noqa: F401
+    from continual.config import setup_continual_names
+    from continual.trainer import IncrementalTrainer
+
+    cfg = build_cfg(SYNTHETIC, ["OUTPUT_DIR", str(tmp_path / "out"), "SOLVER.MAX_ITER", "6",
+                                "SOLVER.CHECKPOINT_PERIOD", "2", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
+                                "INPUT.MIN_SIZE_TEST", "64", "CONT.RESULTS_DIR", str(tmp_path / "results")])
+    setup_continual_names(cfg)
+    trainer = IncrementalTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    forward = trainer.model.forward
+
+    def diverging(batched_inputs):
+        losses = forward(batched_inputs)
+        if trainer.iter == 3:
+            losses["loss_dice"] = losses["loss_dice"] * float("nan")
+        return losses
+
+    trainer.model.forward = diverging
+    with pytest.raises(FloatingPointError) as err:
+        trainer.train()
+    msg = str(err.value)
+    assert "iteration=3" in msg and "loss_dice" in msg and "model_0000001.pth" in msg and "--resume" in msg
+    step_dir = tmp_path / "out" / cfg.TASK_NAME / cfg.NAME / "step0"
+    assert (step_dir / "model_0000001.pth").is_file()
+    assert not (step_dir / "model_final.pth").exists()
+    saved = torch.load(step_dir / "model_0000001.pth", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())

@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""CPU time and peak memory of one training iteration at step 0 and at a prompt-tuning step.
+
+At steps > 0 only the newest prompt set (and its small heads) is trained: the backbone and the
+pixel decoder run without autograd (no graph, no saved activations) and only P queries go
+through the decoder. This script measures what that saves, for the models of
+``tools/benchmark_inference.py`` (``tiny``: R18 / 64-d; ``real``: R50 / 256-d, ECLIPSE 100-5
+settings) on a batch of random images with random targets:
+
+* step 0: all parameters trainable (backbone included, FREEZE_AT 0), all base queries;
+* step 1: the official freezing (``CONT.*_FREEZE True``, prompt mask MLPs, deep prompts).
+
+Each (model, step) runs in a fresh subprocess; its peak RSS (``resource.getrusage``) includes
+the imported libraries, so compare rows, not absolute numbers. The time is forward + backward +
+optimizer step (AdamW, full-model clipping), median / min over ``--runs`` iterations after
+``--warmup`` ones.
+
+Usage::
+
+    python tools/benchmark_training.py                   # tiny and real, batch 2 of 512x512
+    python tools/benchmark_training.py --sizes tiny --image-size 256 --output train_bench.md
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_inference import REPO, _timed, build_cfg, machine_description  # noqa: E402
+
+TRAIN_KEYS = [
+    "CONT.BACKBONE_FREEZE", "True", "CONT.CLS_HEAD_FREEZE", "True", "CONT.MASK_HEAD_FREEZE", "True",
+    "CONT.PIXEL_DECODER_FREEZE", "True", "CONT.QUERY_EMBED_FREEZE", "True", "CONT.TRANS_DECODER_FREEZE", "True",
+    "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "12544", "SOLVER.CLIP_GRADIENTS.ENABLED", "True",
+]
+
+
+def measure(spec: dict) -> dict:
+    """One training configuration: returns times (ms), trainable parameters and peak RSS."""
+    import torch
+    from detectron2.structures import Instances
+
+    import mask2former  # noqa: F401
+    from continual.trainer import IncrementalTrainer
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    cfg = build_cfg(spec["size"], spec["step"])
+    cfg.merge_from_list(TRAIN_KEYS)
+    model = IncrementalTrainer.build_model(cfg)  # the step's freezing applied
+    model.train()
+    optimizer = IncrementalTrainer.build_optimizer(cfg, model)
+    size, g = spec["image_size"], torch.Generator().manual_seed(0)
+    classes = sum([cfg.CONT.BASE_CLS] + [cfg.CONT.INC_CLS] * spec["step"])
+    first = classes - (cfg.CONT.INC_CLS if spec["step"] else cfg.CONT.BASE_CLS) + 1
+    batch = []
+    for _ in range(spec["batch"]):
+        inst = Instances((size, size))
+        regions = torch.randint(0, 4, (size // 32, size // 32), generator=g).repeat_interleave(32, 0).repeat_interleave(32, 1)
+        inst.gt_masks = torch.stack([regions == r for r in range(4)])
+        inst.gt_classes = torch.randint(first, classes + 1, (4,), generator=g)
+        batch.append({"image": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g),
+                      "instances": inst, "height": size, "width": size})
+
+    def iteration():
+        losses = model(batch)
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    times = _timed(iteration, spec["warmup"], spec["runs"])
+    return {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total": sum(p.numel() for p in model.parameters()),
+        "ms": times,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }
+
+
+def run_case(spec: dict) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed for {spec}:\n{proc.stderr[-4000:]}")
+    return json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--sizes", default="tiny,real")
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed iterations")
+    parser.add_argument("--output", help="also write the table (Markdown) to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return 0
+    if args.quick:
+        args.warmup, args.runs = 1, 2
+    lines = [machine_description(args.threads),
+             f"- batch of {args.batch} random {args.image_size}x{args.image_size} images, "
+             f"median / min of {args.runs} iterations after {args.warmup} warm-up",
+             "",
+             "| model | step | trainable parameters | iteration ms | peak RSS MB |",
+             "|---|---|---|---|---|"]
+    for size in args.sizes.split(","):
+        for step in (0, 1):
+            spec = {"size": size, "step": step, "threads": args.threads, "runs": args.runs,
+                    "warmup": args.warmup, "image_size": args.image_size, "batch": args.batch}
+            r = run_case(spec)
+            lines.append(f"| {size} | {step} | {r['trainable']:,} of {r['total']:,} | "
+                         f"{statistics.median(r['ms']):.0f} / {min(r['ms']):.0f} | {r['peak_rss_mb']:.0f} |")
+            print(lines[-1], flush=True)
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
