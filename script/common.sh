@@ -17,6 +17,7 @@
 #   PYTHON               interpreter (default: python)
 #   EXTRA_ARGS           extra KEY VALUE overrides appended to every command (e.g. a smaller model)
 #   RESUME=1             pass --resume (continue interrupted steps)
+#   PRINT_SETTINGS=1     print the scenario's settings (KEY=VALUE lines) and run nothing
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,6 +35,13 @@ count_gpus() {
 }
 
 run_scenario() {
+    if [ "${PRINT_SETTINGS:-0}" = 1 ]; then
+        local key
+        for key in CONFIG BASE INC STEPS QUERIES STEP0_ITERS STEP0_LR PROMPTS ITERS LR EVAL_PERIOD TRAIN_DELTAS EVAL_DELTAS; do
+            echo "$key=${!key:-}"
+        done
+        return 0
+    fi
     local python=${PYTHON:-python}
     local data=${DETECTRON2_DATASETS:-datasets}
     [ -d "$data" ] || die "dataset root DETECTRON2_DATASETS=$data does not exist: prepare the datasets as in datasets/README.md and export DETECTRON2_DATASETS=/path/to/datasets"
