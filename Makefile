@@ -15,7 +15,7 @@ $(STAMP): tools/install.sh requirements.txt setup.py
 	@touch $@
 
 demo: venv
-	$(PY) tools/demo_smoke.py --config-file configs/synthetic/maskformer2_R18_tiny.yaml --output output/demo
+	$(PY) tools/synthetic_benchmark.py --output output/demo
 
 test: venv
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

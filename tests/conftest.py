@@ -5,6 +5,11 @@ from pathlib import Path
 
 import pytest
 
+# Short OpenMP spin-waiting (libgomp, as in the PyTorch wheels): with two xdist workers on two
+# cores the default long spinning makes every worker many times slower. Set before torch is
+# loaded; inherited by the subprocesses the end-to-end tests start.
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
