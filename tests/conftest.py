@@ -19,6 +19,19 @@ FIXTURES = REPO / "tests" / "fixtures"
 REFERENCE_FIXTURES = sorted(p.parent for p in FIXTURES.glob("*/manifest.json"))
 
 
+def load_script(relative_path):
+    """Import a script of this repository that is not in a package (``datasets/*.py``,
+    ``tools/*.py``; "datasets" may also name an installed library) as a fresh module."""
+    import importlib.util
+
+    path = REPO / relative_path
+    name = "_eclipse_script_" + path.with_suffix("").as_posix().replace("/", "_").replace("-", "_")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_cfg(config_file=None, opts=()):
     """A frozen config with the project's keys, merged from ``config_file`` and ``opts``."""
     from detectron2.config import get_cfg

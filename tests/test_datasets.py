@@ -3,7 +3,6 @@
 Everything runs on small data written to ``tmp_path``; ``DETECTRON2_DATASETS`` is pointed there
 with ``monkeypatch`` (the registrations resolve their paths when a dataset is loaded).
 """
-import importlib.util
 import json
 import pickle
 import shutil
@@ -33,22 +32,15 @@ from mask2former.data.dataset_mappers import (
 from mask2former.data.datasets import ADE20K_150_CATEGORIES, DatasetFilesMissingError
 from mask2former.data.datasets.synthetic import SYNTHETIC_CATEGORIES
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "datasets" / "README.md").read_text()
 
-
-def _load_script(name):
-    # the datasets/ scripts are not a package (and "datasets" may name an installed library)
-    spec = importlib.util.spec_from_file_location(f"_eclipse_script_{name}", REPO / "datasets" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate_synthetic = _load_script("generate_synthetic")
-prepare_ade20k_pan_seg = _load_script("prepare_ade20k_pan_seg")
-prepare_ade20k_sem_seg = _load_script("prepare_ade20k_sem_seg")
-prepare_coco_semseg = _load_script("prepare_coco_semantic_annos_from_panoptic_annos")
+generate_synthetic = load_script("datasets/generate_synthetic.py")
+prepare_ade20k_pan_seg = load_script("datasets/prepare_ade20k_pan_seg.py")
+prepare_ade20k_sem_seg = load_script("datasets/prepare_ade20k_sem_seg.py")
+prepare_coco_semseg = load_script("datasets/prepare_coco_semantic_annos_from_panoptic_annos.py")
 
 NUM_TRAIN, NUM_VAL, SIZE = 4, 2, 64
 

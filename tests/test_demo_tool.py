@@ -1,6 +1,5 @@
 """tools/demo.py: overlays and segments of a checkpoint on image files, folders and globs; a
 checkpoint of another step stops with the keys involved."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, build_cfg
+from conftest import REPO, build_cfg, load_script
 
 TINY = REPO / "configs" / "synthetic" / "maskformer2_R18_tiny.yaml"
 SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
@@ -20,14 +19,7 @@ STEP1 = ["CONT.TASK", "1", "CONT.NUM_PROMPTS", "4", "MODEL.MASK_FORMER.CLASS_WEI
 NAMES = {"sky", "grass", "water", "sand", "square", "disc", "triangle", "ring", "cross", "bar"}
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load_tool("demo")
+demo = load_script("tools/demo.py")
 
 
 def _save_checkpoint(opts, folder, name):

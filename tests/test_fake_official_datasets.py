@@ -5,7 +5,6 @@ gets training images by the real step-membership code, and the panoptic files ar
 These datasets are what the scenario-script tests run ``script/**/*.sh`` on
 (``tests/tiny_model_overrides.txt`` holds the model shrink they pass as ``EXTRA_ARGS``).
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ import mask2former  # noqa: F401  (registers the datasets)
 from continual.scenario import Scenario, step_index_cache_path
 from mask2former.data.datasets import ADE20K_150_CATEGORIES
 
-from conftest import build_cfg
+from conftest import build_cfg, load_script
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_VAL = 40, 4
@@ -49,14 +48,7 @@ OFFICIAL_SCENARIOS = {
 COCO_TRAIN = "coco_2017_train_panoptic"
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(f"_eclipse_script_{name}", REPO / "datasets" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-generate_synthetic = _load_script("generate_synthetic")
+generate_synthetic = load_script("datasets/generate_synthetic.py")
 
 
 def _script_values(script):

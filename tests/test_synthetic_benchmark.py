@@ -1,7 +1,6 @@
 """tools/synthetic_benchmark.py (``make demo``): the summary (table, checks, plot) from hand-made
 metrics files, the stage progress, and the whole pipeline in its ``--quick`` form."""
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -11,11 +10,9 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, load_script
 
-spec = importlib.util.spec_from_file_location("_tool_synthetic_benchmark", REPO / "tools" / "synthetic_benchmark.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+bench = load_script("tools/synthetic_benchmark.py")
 
 
 def _pq(base, old, new, total):
