@@ -17,9 +17,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import mask2former  # noqa: F401  (registers the model and the datasets)
-from continual.checkpoint import check_checkpoint_for_step
+from continual.checkpoint import check_checkpoint_for_step, read_model_state
 from continual.config import add_continual_config, merge_config, setup_continual_names
-from continual.trainer import IncrementalTrainer, _read_model_state, write_step_results
+from continual.trainer import IncrementalTrainer, write_step_results
 from mask2former.config import add_maskformer2_config
 
 logger = logging.getLogger("train_continual")
@@ -62,7 +62,7 @@ def evaluate(cfg):
     weights = cfg.MODEL.WEIGHTS
     if not weights or not os.path.isfile(weights):
         raise FileNotFoundError(f"--eval-only needs a checkpoint: CONT.WEIGHTS / MODEL.WEIGHTS {weights!r} does not exist")
-    check_checkpoint_for_step(_read_model_state(weights), model, cfg.CONT.TASK, previous_step=False, source=weights)
+    check_checkpoint_for_step(read_model_state(weights), model, cfg.CONT.TASK, previous_step=False, source=weights)
     from detectron2.checkpoint import DetectionCheckpointer
 
     DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(weights, resume=False)

@@ -10,7 +10,13 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["CheckpointMismatchError", "checkpoint_step", "check_checkpoint_for_step", "new_step_keys"]
+__all__ = [
+    "CheckpointMismatchError",
+    "checkpoint_step",
+    "check_checkpoint_for_step",
+    "new_step_keys",
+    "read_model_state",
+]
 
 _PREDICTOR = "sem_seg_head.predictor."
 _STEP_MODULES = ("prompt_feat", "prompt_embed", "prompt_mask_embed", "prompt_no_obj_embed")
@@ -18,6 +24,20 @@ _STEP_MODULES = ("prompt_feat", "prompt_embed", "prompt_mask_embed", "prompt_no_
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model built for ``CONT.TASK``."""
+
+
+def read_model_state(path: str) -> Dict[str, torch.Tensor]:
+    """The model entries of a checkpoint file (``.pth`` with or without the ``"model"`` level, or
+    a detectron2 ``.pkl``)."""
+    if path.endswith(".pkl"):
+        import pickle
+
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    state = data.get("model", data) if isinstance(data, dict) else data
+    return {k: torch.as_tensor(v) for k, v in state.items()}
 
 
 def checkpoint_step(keys: Iterable[str]) -> Optional[int]:

@@ -26,7 +26,7 @@ from detectron2.utils.logger import setup_logger
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import check_checkpoint_for_step
+from .checkpoint import check_checkpoint_for_step, read_model_state
 from .prompt_tuning import configure_trainable_parameters, initialize_new_step, trainable_parameter_names
 
 __all__ = ["IncrementalTrainer", "previous_step_weights", "build_param_groups", "StepAlreadyFinishedError"]
@@ -233,7 +233,7 @@ class IncrementalTrainer(DefaultTrainer):
         final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
         if resume and self.checkpointer.has_checkpoint():
             path = self.checkpointer.get_checkpoint_file()
-            check_checkpoint_for_step(_read_model_state(path), self.model, step, previous_step=False, source=path)
+            check_checkpoint_for_step(read_model_state(path), self.model, step, previous_step=False, source=path)
             self.checkpointer.resume_or_load(path, resume=True)
             self.start_iter = self.iter + 1
             self._skip_consumed_images(self.start_iter)
@@ -252,7 +252,7 @@ class IncrementalTrainer(DefaultTrainer):
                     f"step {step} starts from the step {step - 1} checkpoint {weights!r}, which does not "
                     f"exist: train step {step - 1} first, or pass it with CONT.WEIGHTS <path>"
                 )
-            check_checkpoint_for_step(_read_model_state(weights), self.model, step, previous_step=True, source=weights)
+            check_checkpoint_for_step(read_model_state(weights), self.model, step, previous_step=True, source=weights)
         self.checkpointer.resume_or_load(weights, resume=False)
         if step > 0:
             written = initialize_new_step(self.model)
@@ -337,20 +337,6 @@ class IncrementalTrainer(DefaultTrainer):
             if results:
                 write_step_results(self.cfg, results, train=True)
         return results
-
-
-def _read_model_state(path: str) -> Dict[str, torch.Tensor]:
-    """The model entries of a checkpoint file (``.pth`` with or without the ``"model"`` level, or
-    a detectron2 ``.pkl``)."""
-    if path.endswith(".pkl"):
-        import pickle
-
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    state = data.get("model", data) if isinstance(data, dict) else data
-    return {k: torch.as_tensor(v) for k, v in state.items()}
 
 
 def write_step_results(cfg, results: Dict, train: bool) -> None:

@@ -1,10 +1,13 @@
 """Checkpoints that do not fit CONT.TASK stop with the keys involved (eval-only safety)."""
+import pickle
+
 import pytest
+import torch
 from detectron2.modeling import build_model
 
 import mask2former  # noqa: F401
 from conftest import FIXTURES, build_cfg
-from continual.checkpoint import CheckpointMismatchError, check_checkpoint_for_step, checkpoint_step
+from continual.checkpoint import CheckpointMismatchError, check_checkpoint_for_step, checkpoint_step, read_model_state
 
 TINY = FIXTURES / "ade_ps_t3_deltas_pos" / "config.yaml"
 
@@ -70,3 +73,16 @@ def test_shallow_prompts_checkpoint_for_deep_model_is_refused(models):
     shallow = _model("CONT.TASK", "3", "CONT.PROMPT_DEEP", "False")
     with pytest.raises(CheckpointMismatchError, match="CONT.PROMPT_DEEP"):
         check_checkpoint_for_step(shallow.state_dict(), models[3], 3, previous_step=False)
+
+
+def test_read_model_state_of_every_checkpoint_layout(tmp_path):
+    weights = {"a.weight": torch.arange(6.0).reshape(2, 3), "b.bias": torch.ones(2)}
+    torch.save({"model": weights, "iteration": 5, "optimizer": {}}, tmp_path / "trainer.pth")
+    torch.save(weights, tmp_path / "bare.pth")
+    with open(tmp_path / "d2.pkl", "wb") as f:  # detectron2 model-zoo layout: numpy arrays
+        pickle.dump({"model": {k: v.numpy() for k, v in weights.items()}, "__author__": "x"}, f)
+    for name in ("trainer.pth", "bare.pth", "d2.pkl"):
+        state = read_model_state(str(tmp_path / name))
+        assert set(state) == set(weights), name
+        for key, value in weights.items():
+            assert isinstance(state[key], torch.Tensor) and torch.equal(state[key], value), (name, key)

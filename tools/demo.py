@@ -250,14 +250,13 @@ class Predictor:
         from detectron2.data import transforms as T
         from detectron2.modeling import build_model
 
-        from continual.checkpoint import check_checkpoint_for_step
-        from continual.trainer import _read_model_state
+        from continual.checkpoint import check_checkpoint_for_step, read_model_state
 
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"checkpoint {weights!r} does not exist")
         self.cfg = cfg
         self.model = build_model(cfg).eval()
-        check_checkpoint_for_step(_read_model_state(weights), self.model, cfg.CONT.TASK,
+        check_checkpoint_for_step(read_model_state(weights), self.model, cfg.CONT.TASK,
                                   previous_step=False, source=weights)
         DetectionCheckpointer(self.model).load(weights)
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
