@@ -415,27 +415,26 @@ def run_script(env: Mapping[str, str], log_path: str, progress: Progress, stage_
 # =============================================================================================
 # overlays
 # =============================================================================================
-def _ground_truth(data_root: str, image_file: str):
-    """The ground-truth panoptic map and segments of a validation image of the synthetic set."""
+def _validation_json(data_root: str) -> Dict:
+    with open(os.path.join(data_root, "synthetic", "synthetic_panoptic_val.json")) as f:
+        return json.load(f)
+
+
+def _ground_truth(data_root: str, annotation: Mapping):
+    """The ground-truth panoptic id map of one validation annotation of the synthetic set."""
     import numpy as np
     from panopticapi.utils import rgb2id
     from PIL import Image
 
-    folder = os.path.join(data_root, "synthetic")
-    with open(os.path.join(folder, "synthetic_panoptic_val.json")) as f:
-        data = json.load(f)
-    stem = os.path.splitext(os.path.basename(image_file))[0]
-    ann = next(a for a in data["annotations"] if a["image_id"] == stem)
-    pan = rgb2id(np.asarray(Image.open(os.path.join(folder, "synthetic_panoptic_val", ann["file_name"])).convert("RGB")))
-    return pan, ann["segments_info"]
+    path = os.path.join(data_root, "synthetic", "synthetic_panoptic_val", annotation["file_name"])
+    return rgb2id(np.asarray(Image.open(path).convert("RGB")))
 
 
 def pick_validation_images(data_root: str, count: int) -> List[str]:
     """``count`` validation images, preferring ones that show classes of several steps (base,
     step 1, step 2), in file order."""
     folder = os.path.join(data_root, "synthetic")
-    with open(os.path.join(folder, "synthetic_panoptic_val.json")) as f:
-        data = json.load(f)
+    data = _validation_json(data_root)
     files = {img["id"]: os.path.join(folder, "images", "validation", img["file_name"]) for img in data["images"]}
 
     def steps_shown(ann):
@@ -468,13 +467,15 @@ def draw_overlays(runs: Mapping[str, Tuple[str, str, str, List[str]]], images: S
         records = demo.run_on_images(predictor, classes, images, os.path.join(output, folder), mode, scale=3.0)
         panels[label] = [np.asarray(Image.open(r["panoptic_overlay"]).convert("RGB")) for r in records]
 
+    annotations = {a["image_id"]: a for a in _validation_json(data_root)["annotations"]}
     written = []
     for i, image_file in enumerate(images):
         image = np.asarray(Image.open(image_file).convert("RGB"))
-        pan, segments = _ground_truth(data_root, image_file)
+        annotation = annotations[os.path.splitext(os.path.basename(image_file))[0]]
+        pan = _ground_truth(data_root, annotation)
         gt = demo.draw_panoptic(image, torch.as_tensor(pan.astype(np.int32)),
                                 [{"id": s["id"], "category_id": s["category_id"], "isthing": bool(s["isthing"])}
-                                 for s in segments], classes, scale=3.0)
+                                 for s in annotation["segments_info"]], classes, scale=3.0)
         plain = np.asarray(Image.fromarray(image).resize((gt.shape[1], gt.shape[0]), Image.NEAREST))
         columns = [("image", plain), ("ground truth", gt)] + [(label, panels[label][i]) for label in runs]
         h = max(c.shape[0] for _, c in columns)

@@ -1,10 +1,10 @@
 """Training mapper for panoptic segmentation: image + COCO panoptic PNG -> Mask2Former targets."""
+import functools
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import Instances
@@ -56,30 +56,11 @@ class MaskFormerPanopticDatasetMapper(MaskFormerSemanticDatasetMapper):
     ``sem_seg_file_name``, so it matches the masks pixel for pixel.
     """
 
-    @configurable
-    def __init__(
-        self,
-        is_train: bool = True,
-        *,
-        augmentations: List,
-        image_format: str,
-        ignore_label: int,
-        size_divisibility: int,
-        remove_bkg: bool,
-        skip_unreadable: bool = False,
-    ):
-        """Arguments as for :class:`MaskFormerSemanticDatasetMapper`."""
-        super().__init__(
-            is_train,
-            augmentations=augmentations,
-            image_format=image_format,
-            ignore_label=ignore_label,
-            size_divisibility=size_divisibility,
-            remove_bkg=remove_bkg,
-            skip_unreadable=skip_unreadable,
-        )
-        # only a category-area constrained crop looks at the class map before the transforms
-        self._crop_inspects_classes = any(
+    @functools.cached_property
+    def _crop_inspects_classes(self) -> bool:
+        """Whether the augmentations look at the class map before transforming (only a
+        category-area constrained crop does); the map is built only then."""
+        return any(
             isinstance(a, T.RandomCrop_CategoryAreaConstraint) and a.single_category_max_area < 1.0
             for a in self.augmentations.augs
         )

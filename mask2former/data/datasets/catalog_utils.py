@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from detectron2.data.datasets import load_sem_seg
 
@@ -27,6 +27,7 @@ __all__ = [
     "require_paths",
     "load_panoptic_json",
     "load_semantic_pairs",
+    "register_panoptic_json_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -240,6 +241,43 @@ def load_panoptic_json(
         )
     logger.info("Loaded %d images of '%s' from %s", len(dicts), dataset_name, json_file)
     return dicts
+
+
+def register_panoptic_json_dataset(
+    name: str,
+    relative_paths: Mapping[str, Optional[str]],
+    classes: Mapping,
+    *,
+    evaluator_type: str,
+    prepare_command: str,
+    image_ext: str = "jpg",
+    integer_image_ids: bool = False,
+) -> RootRelativeMetadata:
+    """Register a COCO-format panoptic dataset: its metadata (``relative_paths`` with
+    ``image_root``, ``panoptic_root``, ``panoptic_json``, ``sem_seg_root`` and optionally
+    ``json_file``; the ``classes`` fields with both id maps; ignore label 255, label divisor
+    1000) and a loader (:func:`load_panoptic_json`) that reads the files when the dataset is
+    used. Returns the metadata."""
+    meta = register_root_relative_metadata(
+        name, relative_paths, evaluator_type=evaluator_type, ignore_label=255, label_divisor=1000, **classes
+    )
+
+    def load():
+        return load_panoptic_json(
+            name,
+            meta.panoptic_json,
+            meta.image_root,
+            meta.panoptic_root,
+            meta.sem_seg_root,
+            classes["thing_dataset_id_to_contiguous_id"],
+            classes["stuff_dataset_id_to_contiguous_id"],
+            prepare_command,
+            image_ext=image_ext,
+            integer_image_ids=integer_image_ids,
+        )
+
+    DatasetCatalog.register(name, load)
+    return meta
 
 
 def load_semantic_pairs(

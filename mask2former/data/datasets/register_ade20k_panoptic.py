@@ -15,10 +15,9 @@ prefix ``myade20k``) and the synthetic dataset (``synthetic``, prefix ``syntheti
 import os
 from typing import Dict, List, Optional, Sequence
 
-from detectron2.data import DatasetCatalog
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
-from .catalog_utils import load_panoptic_json, register_root_relative_metadata
+from .catalog_utils import register_panoptic_json_dataset
 
 __all__ = [
     "ADE20K_150_CATEGORIES",
@@ -162,30 +161,10 @@ def register_panoptic_ade20k_layout(
         "panoptic_json": os.path.join(dataset_dir, f"{prefix}_panoptic_{split}.json"),
         "json_file": os.path.join(dataset_dir, instances_json) if instances_json else None,
     }
-    classes = panoptic_layout_metadata(categories)
-    meta = register_root_relative_metadata(
-        name,
-        paths,
-        evaluator_type=evaluator_type,
-        ignore_label=255,
-        label_divisor=1000,
-        **classes,
+    register_panoptic_json_dataset(
+        name, paths, panoptic_layout_metadata(categories), evaluator_type=evaluator_type,
+        prepare_command=prepare_command, image_ext=image_ext,
     )
-
-    def load():
-        return load_panoptic_json(
-            name,
-            meta.panoptic_json,
-            meta.image_root,
-            meta.panoptic_root,
-            meta.sem_seg_root,
-            classes["thing_dataset_id_to_contiguous_id"],
-            classes["stuff_dataset_id_to_contiguous_id"],
-            prepare_command,
-            image_ext=image_ext,
-        )
-
-    DatasetCatalog.register(name, load)
 
 
 def _register_all_ade20k_panoptic() -> None:

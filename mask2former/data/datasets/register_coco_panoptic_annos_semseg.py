@@ -11,10 +11,9 @@ detectron2's builtin ``coco_2017_train_panoptic`` that ECLIPSE trains on.
 import os
 from typing import Dict
 
-from detectron2.data import DatasetCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
-from .catalog_utils import load_panoptic_json, register_root_relative_metadata
+from .catalog_utils import register_panoptic_json_dataset
 
 __all__ = ["COCO_PANOPTIC_SEMSEG_PREPARE_COMMAND", "coco_panoptic_metadata"]
 
@@ -37,8 +36,7 @@ def coco_panoptic_metadata() -> Dict:
 
 def _register(split: str) -> None:
     name = f"coco_2017_{split}_panoptic_with_sem_seg"
-    classes = coco_panoptic_metadata()
-    meta = register_root_relative_metadata(
+    register_panoptic_json_dataset(
         name,
         {
             "image_root": os.path.join("coco", f"{split}2017"),
@@ -47,27 +45,12 @@ def _register(split: str) -> None:
             "sem_seg_root": os.path.join("coco", f"panoptic_semseg_{split}2017"),
             "json_file": os.path.join("coco", "annotations", f"instances_{split}2017.json"),
         },
+        coco_panoptic_metadata(),
         evaluator_type="coco_panoptic_seg",
-        ignore_label=255,
-        label_divisor=1000,
-        **classes,
+        prepare_command=COCO_PANOPTIC_SEMSEG_PREPARE_COMMAND,
+        image_ext="jpg",
+        integer_image_ids=True,
     )
-    DatasetCatalog.register(
-        name,
-        lambda: load_panoptic_json(
-            name,
-            meta.panoptic_json,
-            meta.image_root,
-            meta.panoptic_root,
-            meta.sem_seg_root,
-            classes["thing_dataset_id_to_contiguous_id"],
-            classes["stuff_dataset_id_to_contiguous_id"],
-            COCO_PANOPTIC_SEMSEG_PREPARE_COMMAND,
-            image_ext="jpg",
-            integer_image_ids=True,
-        ),
-    )
-
 
 for _split in ("train", "val"):
     _register(_split)
