@@ -151,10 +151,12 @@ def _check_inference(fixture_dir, model, results):
     results.append(_close("pixel decoder mask_features", mask_features, ref["pixel_decoder"]["mask_features"], atol=1e-5))
 
     recorder = _Recorder(head.predictor.class_embed)
+    head.predictor.full_intermediate_predictions = True  # every layer's class logits
     try:
         out = head(feats)
     finally:
         recorder.close()
+        del head.predictor.full_intermediate_predictions
     raw = ref["class_logits_raw_per_layer"]
     ok = len(recorder.outputs) == len(raw)
     results.append(CheckResult("number of prediction-head calls", ok, f"{len(recorder.outputs)} vs {len(raw)}"))

@@ -77,6 +77,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     _version = 2
 
+    full_intermediate_predictions = False
+    """At inference, compute every layer's class logits and full-resolution masks (as the
+    official code does) instead of only the last layer's; :mod:`mask2former.utils.reference_check`
+    sets it to compare the per-layer class logits. The returned outputs are the same."""
+
     @configurable
     def __init__(
         self,
@@ -276,7 +281,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_pos_per_layer,
         heads,
         self_attn_mask: Optional[Tensor],
-    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        needed: Optional[Sequence[int]] = None,
+    ) -> Tuple[List[Tensor], List[Optional[Tensor]], List[Optional[Tensor]]]:
         """Run the decoder layers and the prediction heads before and after every layer.
 
         Args:
@@ -284,18 +290,30 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             query_pos_per_layer: callable ``layer -> [Q, B, C]`` positional embedding.
             heads: (mask heads, query sizes) for :meth:`_predict`.
             self_attn_mask: bool [Q, Q] block-diagonal mask or None.
+            needed: indices of the predictions (0 = before the first layer) whose class logits
+                and full-resolution masks the caller uses; None = all. The others only build
+                the next layer's attention mask, at that layer's resolution (see
+                :meth:`_attention_mask_low_res`), and come back as None.
         Returns:
             lists (one entry per prediction) of decoder outputs, class logits and mask logits.
         """
+        last = self.num_layers
+        needed = set(range(last + 1)) if needed is None else set(needed)
+        low_res_features: Dict[Tuple[int, int], Tensor] = {}
+
+        def predict(out: Tensor, index: int):
+            attn_size = memories[index % self.num_feature_levels][2] if index < last else None
+            if index in needed:
+                return self._predict(out, mask_features, attn_size, heads)
+            return None, None, self._attention_mask_low_res(out, mask_features, attn_size, heads, low_res_features)
+
         outputs, logits, masks = [], [], []
-        cls_, mask_, attn_mask = self._predict(queries, mask_features, memories[0][2], heads)
+        cls_, mask_, attn_mask = predict(queries, 0)
         outputs.append(queries), logits.append(cls_), masks.append(mask_)
         output = queries
         for i in range(self.num_layers):
             src, pos, _ = memories[i % self.num_feature_levels]
             query_pos = query_pos_per_layer(i)
-            # a query whose mask blocks every location attends everywhere instead
-            attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
             output = self.transformer_cross_attention_layers[i](
                 output, src, memory_mask=attn_mask, pos=pos, query_pos=query_pos
             )
@@ -303,29 +321,56 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 output, tgt_mask=self_attn_mask, query_pos=query_pos
             )
             output = self.transformer_ffn_layers[i](output)
-            next_size = memories[(i + 1) % self.num_feature_levels][2]
-            cls_, mask_, attn_mask = self._predict(output, mask_features, next_size, heads)
+            cls_, mask_, attn_mask = predict(output, i + 1)
             outputs.append(output), logits.append(cls_), masks.append(mask_)
         return outputs, logits, masks
+
+    def _mask_embeddings(self, decoded: Tensor, heads) -> Tensor:
+        """Mask embeddings [B, Q, mask_dim] of the normed decoder output [B, Q, C], per group."""
+        mask_heads, sizes = heads
+        if len(mask_heads) == 1:
+            return mask_heads[0](decoded)
+        chunks = torch.split(decoded, list(sizes), dim=1)
+        return torch.cat([head(c) for head, c in zip(mask_heads, chunks)], dim=1)
+
+    def _blocked(self, attn_logits: Tensor) -> Tensor:
+        """Mask logits [B, Q, h, w] at the attention resolution -> bool [B*heads, Q, h*w]."""
+        blocked = attn_logits.detach().sigmoid().flatten(2) < 0.5
+        # a query whose mask blocks every location attends everywhere instead
+        blocked[blocked.all(-1)] = False
+        return blocked.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
 
     def _predict(self, output: Tensor, mask_features: Tensor, attn_size, heads):
         """Prediction heads on decoder output [Q, B, C].
 
         Returns class logits [B, Q, C+1], mask logits [B, Q, H, W] and the next layer's
-        attention mask, bool [B*heads, Q, h*w] (True = blocked).
+        attention mask, bool [B*heads, Q, h*w] (True = blocked), or None when ``attn_size`` is
+        None (after the last layer).
         """
-        mask_heads, sizes = heads
         decoded = self.decoder_norm(output).transpose(0, 1)
         class_logits = self.class_embed(decoded)
-        if len(mask_heads) == 1:
-            mask_emb = mask_heads[0](decoded)
-        else:
-            chunks = torch.split(decoded, list(sizes), dim=1)
-            mask_emb = torch.cat([head(c) for head, c in zip(mask_heads, chunks)], dim=1)
+        mask_emb = self._mask_embeddings(decoded, heads)
         mask_logits = torch.einsum("bqc,bchw->bqhw", mask_emb, mask_features)
+        if attn_size is None:
+            return class_logits, mask_logits, None
         attn = F.interpolate(mask_logits, size=attn_size, mode="bilinear", align_corners=False)
-        attn = attn.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
-        return class_logits, mask_logits, attn.detach()
+        return class_logits, mask_logits, self._blocked(attn)
+
+    def _attention_mask_low_res(self, output: Tensor, mask_features: Tensor, attn_size, heads,
+                                cache: Dict[Tuple[int, int], Tensor]) -> Optional[Tensor]:
+        """The attention mask of :meth:`_predict` without the class logits and without the
+        full-resolution masks: bilinear resizing and the mask einsum are both linear maps, so
+        the mask features are resized once per attention resolution (kept in ``cache``) and
+        the einsum runs at that resolution. Equal to :meth:`_predict`'s mask up to float
+        rounding of logits that are within ~1e-6 of the 0.5 threshold."""
+        if attn_size is None:
+            return None
+        with torch.no_grad():  # a bool mask: nothing to back-propagate
+            if attn_size not in cache:
+                cache[attn_size] = F.interpolate(mask_features, size=attn_size, mode="bilinear", align_corners=False)
+            decoded = self.decoder_norm(output).transpose(0, 1)
+            mask_emb = self._mask_embeddings(decoded, heads)
+            return self._blocked(torch.einsum("bqc,bchw->bqhw", mask_emb, cache[attn_size]))
 
     def _forward_base_train(self, memories, mask_features: Tensor) -> Dict:
         bs = mask_features.shape[0]
@@ -348,9 +393,11 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             lambda i: self._prompt_pos(k, i).unsqueeze(1).repeat(1, bs, 1),
             ([head], [self.num_prompts]),
             None,
+            needed=None if self.prompt_supervise_all_layers else [0, self.num_layers],
         )
         # The official implementation keeps only the pre-decoder prediction as auxiliary
-        # output at steps > 0 (intermediate layers unsupervised); reproduced by default.
+        # output at steps > 0 (intermediate layers unsupervised); reproduced by default. The
+        # unsupervised layers' predictions are not computed, only their attention masks.
         aux = range(len(logits) - 1) if self.prompt_supervise_all_layers else [0]
         return _pack(logits, masks, aux=aux)
 
@@ -365,8 +412,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             return torch.cat(pos).unsqueeze(1).repeat(1, bs, 1)
 
         self_mask = block_diagonal_mask(sizes, device=queries.device)
+        # only the last prediction is returned: the others just build attention masks
+        needed = None if self.full_intermediate_predictions else [self.num_layers]
         outputs, logits, masks = self._decode(
-            memories, mask_features, queries, query_pos, (self._mask_heads(), sizes), self_mask
+            memories, mask_features, queries, query_pos, (self._mask_heads(), sizes), self_mask, needed
         )
         pred_logits = logits[-1]
         # Only with prompt sets: at step 0 there are no other groups whose classes a delta
