@@ -22,14 +22,97 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
-from .ms_deform_attn import MSDeformAttn
+from .ms_deform_attn import MSDeformAttn, ms_deform_attn
 
 __all__ = [
+    "deform_attn_cpu",
     "DeformableEncoderLayer",
     "DeformableEncoder",
     "MSDeformAttnEncoderOnly",
     "MSDeformAttnPixelDecoder",
 ]
+
+
+def deform_attn_cpu(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable sampling as one weighted ``embedding_bag`` sum, for CPU tensors.
+
+    Same contract and result (up to float summation order) as
+    :func:`.ms_deform_attn.ms_deform_attn_core_pytorch`: bilinear sampling with
+    ``align_corners=False`` and zero padding, weighted by ``attention_weights``. Every output
+    vector ``[b, q, m]`` is a weighted sum of ``L * P * 4`` rows of the value (the four
+    bilinear corners of every sampling point), which ``F.embedding_bag`` computes directly on
+    the ``[B*M*S, Dh]`` value table, without the per-level ``grid_sample`` on a channel-major
+    copy of the value, the concatenation of the samples and the weighting product. Corners
+    outside the map get weight 0. Differentiable with respect to the value, the locations and
+    the weights.
+
+    Args:
+        value: ``[B, S, M, Dh]``; spatial_shapes: ``[L, 2]`` long ``(H_l, W_l)``;
+        sampling_locations: ``[B, Lq, M, L, P, 2]`` normalised ``(x, y)``;
+        attention_weights: ``[B, Lq, M, L, P]``.
+
+    Returns:
+        ``[B, Lq, M * Dh]``.
+    """
+    batch, num_values, heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    shapes = spatial_shapes.to(device=value.device, dtype=torch.long)
+    heights, widths = shapes[:, 0], shapes[:, 1]
+    starts = torch.cat((heights.new_zeros(1), (heights * widths).cumsum(0)[:-1]))
+    # row offset of (b, m) in the table: (b * M + m) * S
+    table = value.transpose(1, 2).reshape(batch * heads * num_values, head_dim)
+    # The corner axis (2: left/right column or top/bottom row) goes before the level axis so
+    # that the broadcast products below run over contiguous L*P blocks.
+    w_l, h_l = widths.view(1, 1, 1, 1, -1, 1), heights.view(1, 1, 1, 1, -1, 1)
+    corner = torch.arange(2, device=value.device).view(2, 1, 1)
+    # pixel coordinates, pixel centres at integers (align_corners=False)
+    x = sampling_locations[..., 0] * widths.to(sampling_locations.dtype).view(-1, 1) - 0.5
+    y = sampling_locations[..., 1] * heights.to(sampling_locations.dtype).view(-1, 1) - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = (x - x0).unsqueeze(3), (y - y0).unsqueeze(3)
+    xs = x0.long().unsqueeze(3) + corner  # [B, Lq, M, 2, L, P]: left, right column
+    ys = y0.long().unsqueeze(3) + corner  # top, bottom row
+    # bilinear weight of each column / row, zero outside the map (zero padding)
+    wx = torch.cat((1 - fx, fx), dim=3) * ((xs >= 0) & (xs < w_l))
+    wy = torch.cat((1 - fy, fy), dim=3) * ((ys >= 0) & (ys < h_l))
+    # row of (b, m, level, y) in the table: (b * M + m) * S + start_l + y * W_l; any row inside
+    # the map serves for a corner of weight zero
+    base = (torch.arange(batch * heads, device=value.device) * num_values).view(batch, 1, heads, 1, 1, 1)
+    rows = (base + starts.view(1, 1, 1, 1, -1, 1)) + torch.minimum(ys.clamp(min=0), h_l - 1) * w_l
+    cols = torch.minimum(xs.clamp(min=0), w_l - 1)
+    # one bag of 4 * L * P rows per (b, q, m)
+    bag = num_levels * num_points * 4
+    indices = (rows.unsqueeze(4) + cols.unsqueeze(3)).view(-1, bag)
+    weights = ((attention_weights.unsqueeze(3) * wy).unsqueeze(4) * wx.unsqueeze(3)).view(-1, bag)
+    out = F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+    return out.view(batch, num_queries, heads * head_dim)
+
+
+def _deformable_attention(attn: MSDeformAttn, query: Tensor, reference_points: Tensor, src: Tensor,
+                          spatial_shapes: Tensor, level_start_index: Tensor,
+                          padding_mask: Optional[Tensor]) -> Tensor:
+    """``attn(query, reference_points, src, ...)``, with :func:`deform_attn_cpu` as the sampling
+    core for CPU tensors (the module's own forward, unchanged, everywhere else)."""
+    if src.is_cuda:
+        return attn(query, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+    batch, num_queries, _ = query.shape
+    value = attn.value_proj(src)
+    if padding_mask is not None:
+        value = value.masked_fill(padding_mask[..., None], 0.0)
+    value = value.view(batch, src.shape[1], attn.n_heads, attn.d_model // attn.n_heads)
+    offsets = attn.sampling_offsets(query).view(batch, num_queries, attn.n_heads, attn.n_levels, attn.n_points, 2)
+    weights = attn.attention_weights(query).view(batch, num_queries, attn.n_heads, attn.n_levels * attn.n_points)
+    weights = weights.softmax(dim=-1).view(batch, num_queries, attn.n_heads, attn.n_levels, attn.n_points)
+    offset_normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (W, H) per level
+    sampling_locations = (
+        reference_points[:, :, None, :, None, :] + offsets / offset_normalizer[None, None, None, :, None, :]
+    )
+    return attn.output_proj(deform_attn_cpu(value, spatial_shapes, sampling_locations, weights))
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -79,7 +162,9 @@ class DeformableEncoderLayer(nn.Module):
             ``[B, S, C]``.
         """
         query = src if pos is None else src + pos
-        attended = self.self_attn(query, reference_points, src, spatial_shapes, level_start_index, padding_mask)
+        attended = _deformable_attention(
+            self.self_attn, query, reference_points, src, spatial_shapes, level_start_index, padding_mask
+        )
         src = self.norm1(src + self.dropout1(attended))
 
         hidden = self.dropout2(F.relu(self.linear1(src)))

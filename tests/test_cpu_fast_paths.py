@@ -1,0 +1,112 @@
+"""The CPU fast paths of issue #11 against the straightforward computations they replace.
+
+* :func:`deform_attn_cpu` (one weighted ``embedding_bag``) against the ``grid_sample`` core, values
+  and gradients, sampling points inside, on the border of and outside the maps;
+* the decoder's inference with low-resolution intermediate attention masks against the
+  official per-layer full-resolution path (``full_intermediate_predictions``), on every
+  reference fixture and on random weights;
+* a prompt step that skips the unsupervised layers' predictions against one that computes
+  them all.
+
+Small, seeded, one thread; no timing here (speed is measured by ``tools/benchmark_*.py``).
+"""
+import pytest
+import torch
+
+from conftest import REFERENCE_FIXTURES
+from mask2former.modeling.pixel_decoder.ms_deform_attn import ms_deform_attn_core_pytorch
+from mask2former.modeling.pixel_decoder.msdeformattn import deform_attn_cpu
+from test_decoder import make_decoder, make_inputs
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _problem(seed, batch=2, heads=3, dim=4, shapes=((3, 4), (2, 5), (1, 1)), queries=7, points=3):
+    g = torch.Generator().manual_seed(seed)
+    spatial = torch.tensor(shapes)
+    total = int(spatial.prod(1).sum())
+    value = torch.randn(batch, total, heads, dim, generator=g, dtype=torch.float64)
+    # [-0.3, 1.3]: many points fall partly or wholly outside the maps (zero padding)
+    loc = torch.rand(batch, queries, heads, len(shapes), points, 2, generator=g, dtype=torch.float64) * 1.6 - 0.3
+    loc[0, 0, 0, 0, 0] = torch.tensor([0.0, 1.0])  # exactly on the border
+    weights = torch.rand(batch, queries, heads, len(shapes), points, generator=g, dtype=torch.float64)
+    return value, spatial, loc, weights
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_embedding_bag_core_matches_grid_sample_core(seed):
+    value, spatial, loc, weights = _problem(seed)
+    ref = ms_deform_attn_core_pytorch(value, spatial, loc, weights)
+    out = deform_attn_cpu(value, spatial, loc, weights)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_embedding_bag_core_gradients_match():
+    value, spatial, loc, weights = _problem(3)
+    value, loc, weights = (t.requires_grad_() for t in (value, loc, weights))
+    grad_out = torch.randn(value.shape[0], loc.shape[1], value.shape[2] * value.shape[3], dtype=torch.float64)
+    ref = torch.autograd.grad(ms_deform_attn_core_pytorch(value, spatial, loc, weights), (value, loc, weights), grad_out)
+    out = torch.autograd.grad(deform_attn_cpu(value, spatial, loc, weights), (value, loc, weights), grad_out)
+    for name, a, b in zip(("value", "locations", "weights"), out, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_embedding_bag_core_float32_close():
+    value, spatial, loc, weights = (t.float() if t.is_floating_point() else t for t in _problem(4))
+    ref = ms_deform_attn_core_pytorch(value, spatial, loc, weights)
+    torch.testing.assert_close(deform_attn_cpu(value, spatial, loc, weights), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fixture", REFERENCE_FIXTURES, ids=lambda p: p.name)
+def test_low_resolution_attention_masks_on_fixtures(fixture):
+    """Only the last prediction is computed at inference; outputs equal to the per-layer path."""
+    from mask2former.utils.reference_check import _load, build_fixture_model
+
+    _, model = build_fixture_model(str(fixture))
+    head = model.sem_seg_head.eval()
+    feats = _load(str(fixture), "backbone_features.pt")["infer"]
+    with torch.no_grad():
+        fast = head(feats)
+        head.predictor.full_intermediate_predictions = True
+        full = head(feats)
+    # identical on the fixtures (no attention-mask entry flips); the tolerance is for rounding
+    torch.testing.assert_close(fast["pred_logits"], full["pred_logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast["pred_masks"], full["pred_masks"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("step", [0, 3])
+def test_low_resolution_attention_masks_random_weights(step):
+    dec = make_decoder(step=step, num_prompts=3 if step else 0).eval()
+    feats, mf = make_inputs()
+    with torch.no_grad():
+        fast = dec(feats, mf)
+        dec.full_intermediate_predictions = True
+        full = dec(feats, mf)
+    for key in ("pred_logits", "pred_masks"):
+        torch.testing.assert_close(fast[key], full[key], atol=1e-5, rtol=0)
+
+
+def test_prompt_step_skips_unsupervised_predictions():
+    """Default prompt step (aux = pre-decoder prediction only) against all layers supervised:
+    the returned predictions and the gradients of their losses agree."""
+    feats, mf = make_inputs()
+    outs, grads = [], []
+    for supervise_all in (False, True):
+        dec = make_decoder(step=3, supervise_all=supervise_all).train()
+        out = dec(feats, mf)
+        kept = [out] + out["aux_outputs"][:1]
+        loss = sum(o["pred_logits"].square().sum() + o["pred_masks"].square().mean() for o in kept)
+        params = [dec.prompt_feat[2].weight, dec.prompt_mask_embed[2].layers[0].weight]
+        grads.append(torch.autograd.grad(loss, params))
+        outs.append(kept)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a["pred_logits"], b["pred_logits"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(a["pred_masks"], b["pred_masks"], atol=1e-5, rtol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
