@@ -110,3 +110,17 @@ def test_prompt_step_skips_unsupervised_predictions():
         torch.testing.assert_close(a["pred_masks"], b["pred_masks"], atol=1e-5, rtol=0)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_input_without_crop_or_resize_is_unchanged():
+    from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+    from mask2former.modeling.postprocessing import PostProcessSettings, inference_mask_input
+
+    settings = PostProcessSettings(num_classes=3, sem_seg_postprocess_before_inference=True)
+    masks = torch.randn(4, 12, 10, generator=torch.Generator().manual_seed(0)) * 20
+    out = inference_mask_input(masks, (12, 10), (12, 10), settings)
+    assert torch.equal(out, sem_seg_postprocess(masks, (12, 10), 12, 10))
+    # a crop or a resize still goes through sem_seg_postprocess
+    assert inference_mask_input(masks, (11, 10), (11, 10), settings).shape == (4, 11, 10)
+    assert inference_mask_input(masks, (12, 10), (24, 20), settings).shape == (4, 24, 20)

@@ -448,9 +448,13 @@ def inference_mask_input(
         [Q, height, width] (cropped to ``image_size`` and resized) when
         ``settings.sem_seg_postprocess_before_inference``, else ``mask_pred`` unchanged.
     """
-    if settings.sem_seg_postprocess_before_inference:
-        return sem_seg_postprocess(mask_pred, image_size, output_size[0], output_size[1])
-    return mask_pred
+    if not settings.sem_seg_postprocess_before_inference:
+        return mask_pred
+    if tuple(mask_pred.shape[-2:]) == tuple(image_size) == tuple(output_size):
+        # nothing to crop, and bilinear resizing to the same size is the identity: skip a
+        # full-resolution pass over every kept mask (same values)
+        return mask_pred
+    return sem_seg_postprocess(mask_pred, image_size, output_size[0], output_size[1])
 
 
 def postprocess_image(
