@@ -80,6 +80,9 @@ def add_maskformer2_config(cfg: CN) -> None:
     mf.TRAIN_NUM_POINTS = 112 * 112
     mf.OVERSAMPLE_RATIO = 3.0
     mf.IMPORTANCE_SAMPLE_RATIO = 0.75
+    # (this project) run the forward pass on CPU under bfloat16 autocast, training and
+    # inference; losses, matching, deformable sampling and post-processing stay float32
+    cfg.MODEL.CPU_BF16 = False
 
     # pixel decoder
     ssh = cfg.MODEL.SEM_SEG_HEAD

@@ -74,6 +74,21 @@ def _no_grad_if_frozen(module: nn.Module):
     return torch.no_grad() if frozen else nullcontext()
 
 
+def _float32_outputs(outputs: Dict) -> Dict:
+    """The decoder's output dict with every floating-point tensor (``aux_outputs`` included)
+    cast to float32 (differentiably), for the losses and the post-processing."""
+    def cast(x):
+        if isinstance(x, Tensor):
+            return x.float() if x.is_floating_point() else x
+        if isinstance(x, dict):
+            return {k: cast(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(cast(v) for v in x)
+        return x
+
+    return cast(outputs)
+
+
 @META_ARCH_REGISTRY.register()
 class MaskFormer(nn.Module):
     """Mask2Former for continual semantic / panoptic / instance segmentation.
@@ -96,6 +111,7 @@ class MaskFormer(nn.Module):
         pixel_std: Sequence[float],
         postprocess: PostProcessSettings,
         shift_labels: bool = True,
+        cpu_bf16: bool = False,
     ):
         """
         Args:
@@ -107,6 +123,9 @@ class MaskFormer(nn.Module):
             pixel_mean, pixel_std: per-channel normalisation of the input images.
             postprocess: inference settings, see :class:`PostProcessSettings`.
             shift_labels: subtract 1 from the ground-truth classes (order positions -> labels).
+            cpu_bf16: on CPU, run backbone and head under ``torch.autocast("cpu", bfloat16)``
+                (``MODEL.CPU_BF16``); their outputs are cast back to float32 before the losses
+                and the post-processing.
         """
         super().__init__()
         self.backbone = backbone
@@ -120,6 +139,10 @@ class MaskFormer(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.postprocess_settings = postprocess
         self.shift_labels = shift_labels
+        self.cpu_bf16 = cpu_bf16
+        pixel_decoder = getattr(sem_seg_head, "pixel_decoder", None)
+        if cpu_bf16 and pixel_decoder is not None:
+            pixel_decoder.cpu_bf16 = True  # its linear layers and convolutions in bf16 too
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
@@ -141,6 +164,7 @@ class MaskFormer(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "postprocess": PostProcessSettings.from_config(cfg, num_classes, thing_ids),
             "shift_labels": not use_bg,
+            "cpu_bf16": cfg.MODEL.CPU_BF16,
         }
 
     @property
@@ -199,9 +223,13 @@ class MaskFormer(nn.Module):
             :func:`postprocess_batch`).
         """
         images = self.preprocess_images(batched_inputs)
-        with _no_grad_if_frozen(self.backbone) if self.training else nullcontext():
-            features = self.backbone(images.tensor)
-        outputs = self.head_outputs(features)
+        bf16 = self.cpu_bf16 and images.tensor.device.type == "cpu"
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext():
+            with _no_grad_if_frozen(self.backbone) if self.training else nullcontext():
+                features = self.backbone(images.tensor)
+            outputs = self.head_outputs(features)
+        if bf16:
+            outputs = _float32_outputs(outputs)
         padded_size = tuple(images.tensor.shape[-2:])
         if self.training:
             if "instances" not in batched_inputs[0]:

@@ -124,3 +124,84 @@ def test_mask_input_without_crop_or_resize_is_unchanged():
     # a crop or a resize still goes through sem_seg_postprocess
     assert inference_mask_input(masks, (11, 10), (11, 10), settings).shape == (4, 11, 10)
     assert inference_mask_input(masks, (12, 10), (24, 20), settings).shape == (4, 24, 20)
+
+
+def _bf16_pair(fixture_name="ade_ps_t3_deltas_pos"):
+    """The fixture model in float32 and a copy with ``MODEL.CPU_BF16 True`` (same weights)."""
+    from detectron2.modeling import build_model
+
+    from conftest import FIXTURES
+    from mask2former.utils.reference_check import build_fixture_model
+
+    cfg, model = build_fixture_model(str(FIXTURES / fixture_name))
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.CPU_BF16 = True
+    bf16 = build_model(cfg)
+    bf16.load_state_dict(model.state_dict())
+    return model, bf16
+
+
+def _image_batch(size=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"image": torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g),
+             "height": size, "width": size}]
+
+
+def test_cpu_bf16_is_off_by_default_and_switches_autocast_on():
+    from conftest import build_cfg
+
+    assert build_cfg().MODEL.CPU_BF16 is False
+    model, bf16 = _bf16_pair()
+    assert not model.cpu_bf16 and bf16.cpu_bf16
+    dtypes = []
+    for m in (bf16, model):
+        layers = (m.sem_seg_head.predictor.transformer_ffn_layers[0].linear1,
+                  m.sem_seg_head.pixel_decoder.transformer.encoder.layers[0].linear1)
+        handles = [layer.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype) and None)
+                   for layer in layers]
+        try:
+            with torch.no_grad():
+                m.eval()(_image_batch())
+        finally:
+            for handle in handles:
+                handle.remove()
+    # pixel decoder first, then the transformer decoder
+    assert dtypes == [torch.bfloat16] * 2 + [torch.float32] * 2
+
+
+def test_cpu_bf16_outputs_close_to_float32():
+    model, bf16 = _bf16_pair()
+    batch = _image_batch()
+    with torch.no_grad():
+        images = model.preprocess_images(batch)
+        ref = model.eval().head_outputs(model.backbone(images.tensor))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = bf16.eval().head_outputs(bf16.backbone(images.tensor))
+    # bf16 keeps 8 bits of mantissa: close, not equal
+    for key in ("pred_logits", "pred_masks"):
+        scale = ref[key].abs().max().item()
+        assert (out[key].float() - ref[key]).abs().max().item() < 0.1 * scale, key
+    # the post-processed outputs come back in float32
+    with torch.no_grad():
+        result = bf16(batch)[0]
+    assert result["panoptic_seg"][0].shape == (64, 64)
+
+
+def test_cpu_bf16_training_losses_are_float32_and_backpropagate():
+    from detectron2.structures import Instances
+
+    _, bf16 = _bf16_pair()
+    bf16.train()
+    batch = _image_batch()
+    inst = Instances((64, 64))
+    inst.gt_masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    inst.gt_masks[0, :32] = True
+    inst.gt_masks[1, 32:] = True
+    inst.gt_classes = torch.tensor([1, 2])
+    batch[0]["instances"] = inst
+    losses = bf16(batch)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    grad = bf16.sem_seg_head.predictor.class_embed
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in grad.parameters())

@@ -102,17 +102,27 @@ def _deformable_attention(attn: MSDeformAttn, query: Tensor, reference_points: T
         return attn(query, reference_points, src, spatial_shapes, level_start_index, padding_mask)
     batch, num_queries, _ = query.shape
     value = attn.value_proj(src)
+    # at least fp32 sampling locations and sampling, also under bfloat16 autocast
+    work = torch.promote_types(value.dtype, torch.float32)
     if padding_mask is not None:
         value = value.masked_fill(padding_mask[..., None], 0.0)
     value = value.view(batch, src.shape[1], attn.n_heads, attn.d_model // attn.n_heads)
-    offsets = attn.sampling_offsets(query).view(batch, num_queries, attn.n_heads, attn.n_levels, attn.n_points, 2)
+    offsets = attn.sampling_offsets(query).to(work).view(
+        batch, num_queries, attn.n_heads, attn.n_levels, attn.n_points, 2
+    )
     weights = attn.attention_weights(query).view(batch, num_queries, attn.n_heads, attn.n_levels * attn.n_points)
-    weights = weights.softmax(dim=-1).view(batch, num_queries, attn.n_heads, attn.n_levels, attn.n_points)
+    weights = weights.to(work).softmax(dim=-1).view(batch, num_queries, attn.n_heads, attn.n_levels, attn.n_points)
     offset_normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (W, H) per level
     sampling_locations = (
         reference_points[:, :, None, :, None, :] + offsets / offset_normalizer[None, None, None, :, None, :]
     )
-    return attn.output_proj(deform_attn_cpu(value, spatial_shapes, sampling_locations, weights))
+    sampled = deform_attn_cpu(value.to(work), spatial_shapes, sampling_locations.to(work), weights)
+    return attn.output_proj(sampled)
+
+
+def _cpu_bf16_autocast() -> bool:
+    """Whether CPU autocast to bfloat16 (``MODEL.CPU_BF16``) is active."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -318,6 +328,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
     gives the mask features.
     """
 
+    cpu_bf16 = False
+    """Let CPU bfloat16 autocast reach the convolutions and linear layers (``MODEL.CPU_BF16``);
+    otherwise the pixel decoder runs in fp32 under any autocast."""
+
     @configurable
     def __init__(
         self,
@@ -463,7 +477,12 @@ class MSDeformAttnPixelDecoder(nn.Module):
                 (strides 32, 16, 8 with the default features).
         """
         device_type = next(iter(features.values())).device.type
-        # Deformable sampling is numerically fragile in half precision; run it all in fp32.
+        # Deformable sampling is numerically fragile in half precision: run it all in fp32.
+        # Only with cpu_bf16 (MODEL.CPU_BF16, set by the meta-architecture) and under CPU
+        # bfloat16 autocast do the convolutions and linear layers run in bf16, the sampling
+        # locations and the sampling staying fp32 (see _deformable_attention).
+        if self.cpu_bf16 and device_type == "cpu" and _cpu_bf16_autocast():
+            return self._forward_fp32(features)
         with torch.autocast(device_type=device_type, enabled=False):
             return self._forward_fp32(features)
 
