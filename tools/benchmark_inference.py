@@ -19,6 +19,14 @@ Models (random weights, one random 512x512 image, panoptic inference on):
 Step 0 is run with ``CONT.NUM_PROMPTS 0`` as in the official protocol (one query group, so both
 variants are the same computation and only one row is reported).
 
+``--baseline-repo PATH`` adds, for every case, the same measurement with the package of
+another checkout (e.g. a pristine copy of the current main, labelled "baseline"), in the same
+run, with the same weights (same seeds and construction order), and reports new / baseline
+time ratios and the largest output difference between the two. ``--bf16`` adds the
+``MODEL.CPU_BF16 True`` variant of this checkout. ``--ab`` adds an in-process A/B row pair: this checkout against
+the CPU paths it replaced (see :func:`previous_cpu_paths`), runs interleaved in one process,
+which gives the steadiest ratios on a shared machine.
+
 Every (model, step, variant) runs in a fresh subprocess so that its peak RSS
 (``resource.getrusage``, whole process, including the ~0.3-0.5 GB of imported libraries) is its
 own. Timings: ``--warmup`` untimed runs, then ``--runs`` timed runs; median and min reported.
@@ -28,6 +36,8 @@ Usage::
     python tools/benchmark_inference.py                       # tiny + real, 2 threads
     python tools/benchmark_inference.py --quick --output bench.md
     python tools/benchmark_inference.py --sizes tiny --threads 1 --runs 20
+    python tools/benchmark_inference.py --sizes real --steps 10 --threads 1 --no-loop \
+        --baseline-repo /path/to/pristine/checkout --bf16 --output bench.md
 """
 import argparse
 import contextlib
@@ -38,6 +48,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -120,6 +131,51 @@ def official_per_group_loop(decoder):
         decoder.transformer_self_attention_layers = original
 
 
+@contextlib.contextmanager
+def previous_cpu_paths(model):
+    """Within the block, ``model`` runs the CPU code paths that issue #11 replaced, for an
+    in-process A/B comparison (same weights, same inputs, runs interleaved): every decoder
+    layer's class logits and full-resolution masks (``full_intermediate_predictions``), the
+    ``grid_sample`` deformable-attention core (``MSDeformAttn.forward``) and the crop/resize
+    pass of the post-processing even when it is the identity."""
+    from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+    from mask2former.modeling import postprocessing
+    from mask2former.modeling.pixel_decoder import msdeformattn
+
+    def grid_sample_attention(attn, query, reference_points, src, shapes, start, padding_mask):
+        return attn(query, reference_points, src, shapes, start, padding_mask)
+
+    def mask_input(mask_pred, image_size, output_size, settings):
+        if settings.sem_seg_postprocess_before_inference:
+            return sem_seg_postprocess(mask_pred, image_size, output_size[0], output_size[1])
+        return mask_pred
+
+    pred = model.sem_seg_head.predictor
+    saved = msdeformattn._deformable_attention, postprocessing.inference_mask_input
+    msdeformattn._deformable_attention, postprocessing.inference_mask_input = grid_sample_attention, mask_input
+    pred.full_intermediate_predictions = True
+    try:
+        yield model
+    finally:
+        msdeformattn._deformable_attention, postprocessing.inference_mask_input = saved
+        del pred.full_intermediate_predictions
+
+
+def _timed_ab(fn, previous, warmup: int, runs: int):
+    """Times of ``fn`` (new) and of ``fn`` within ``previous()`` (old), runs interleaved."""
+    new, old = [], []
+    for i in range(warmup + runs):
+        for times, ctx in ((new, contextlib.nullcontext), (old, previous)):
+            with ctx():
+                t0 = time.perf_counter()
+                fn()
+                elapsed = (time.perf_counter() - t0) * 1000.0
+            if i >= warmup:
+                times.append(elapsed)
+    return new, old
+
+
 # --------------------------------------------------------------------------------------------
 # one measurement (runs in a worker process)
 # --------------------------------------------------------------------------------------------
@@ -171,7 +227,10 @@ def measure(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     cfg = build_cfg(spec["size"], spec["step"])
+    if spec.get("bf16"):
+        cfg.MODEL.CPU_BF16 = True
     model = build_model(cfg).eval()
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if spec.get("bf16") else contextlib.nullcontext
     pred = model.sem_seg_head.predictor
     size = spec["image_size"]
     g = torch.Generator().manual_seed(0)
@@ -180,16 +239,23 @@ def measure(spec: dict) -> dict:
 
     with torch.no_grad():
         images = model.preprocess_images(inputs)
-        features = model.backbone(images.tensor)
-        mask_features, _, multi_scale = model.sem_seg_head.pixel_decoder.forward_features(features)
+        with autocast():
+            features = model.backbone(images.tensor)
+            mask_features, _, multi_scale = model.sem_seg_head.pixel_decoder.forward_features(features)
 
         def decoder():
-            return pred(multi_scale, mask_features, None)
+            with autocast():
+                return pred(multi_scale, mask_features, None)
+
+        def pixel_decoder():
+            with autocast():
+                return model.sem_seg_head.pixel_decoder.forward_features(features)
 
         def whole():
             return model(inputs)
 
         result = {
+            "package": str(Path(mask2former.__file__).resolve().parent),
             "queries": sum(pred.query_group_sizes),
             "groups": len(pred.query_group_sizes),
             "max_abs_diff": None,
@@ -204,10 +270,29 @@ def measure(spec: dict) -> dict:
                 result["max_abs_diff"] = max(
                     (out[k] - reference[k]).abs().max().item() for k in ("pred_logits", "pred_masks")
                 )
-            dec_times = _timed(decoder, spec["warmup"], spec["runs"])
-            whole_times = _timed(whole, spec["warmup"], spec["runs"])
+            if spec["variant"] == AB:
+                prev = lambda: previous_cpu_paths(model)  # noqa: E731
+                with prev():
+                    old = decoder()
+                new = decoder()
+                result["max_abs_diff"] = max(
+                    (new[k] - old[k]).abs().max().item() for k in ("pred_logits", "pred_masks")
+                )
+                dec_times, result["previous_decoder_ms"] = _timed_ab(decoder, prev, spec["warmup"], spec["runs"])
+                pix_times, result["previous_pixel_decoder_ms"] = _timed_ab(
+                    pixel_decoder, prev, spec["warmup"], spec["runs"])
+                whole_times, result["previous_whole_ms"] = _timed_ab(whole, prev, spec["warmup"], spec["runs"])
+            else:
+                dec_times = _timed(decoder, spec["warmup"], spec["runs"])
+                pix_times = _timed(pixel_decoder, spec["warmup"], spec["runs"])
+                whole_times = _timed(whole, spec["warmup"], spec["runs"])
+        if spec.get("save"):
+            out = decoder()
+            torch.save({"pixel_decoder": mask_features.float(), "pred_logits": out["pred_logits"].float(),
+                        "pred_masks": out["pred_masks"].float()}, spec["save"])
     result.update(
         decoder_ms=dec_times,
+        pixel_decoder_ms=pix_times,
         whole_ms=whole_times,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,  # KiB on Linux
     )
@@ -237,14 +322,23 @@ def machine_description(threads: int) -> str:
     )
 
 
-def cases(sizes):
+BASELINE = "baseline (--baseline-repo), float32"
+BF16 = "this checkout, MODEL.CPU_BF16 True"
+AB = "this checkout vs its previous CPU paths, in-process A/B"
+
+
+def cases(sizes, steps=STEPS, loop=True, baseline=False, bf16=False, ab=False):
     for size in sizes:
-        for step in STEPS:
-            if step == 0:
-                yield size, step, SINGLE
-            else:
-                yield size, step, GROUPED
+        for step in steps:
+            if baseline:
+                yield size, step, BASELINE
+            yield size, step, SINGLE if step == 0 else GROUPED
+            if ab:
+                yield size, step, AB
+            if step > 0 and loop:
                 yield size, step, LOOP
+            if bf16:
+                yield size, step, BF16
 
 
 def run_case(spec: dict, in_process: bool) -> dict:
@@ -252,13 +346,25 @@ def run_case(spec: dict, in_process: bool) -> dict:
         return measure(spec)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
+    if spec.get("repo"):  # the baseline checkout's packages come first on the path
+        env["PYTHONPATH"] = os.pathsep.join([spec["repo"], env.get("PYTHONPATH", "")])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=spec.get("repo") or str(REPO))
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed for {spec}:\n{proc.stderr[-4000:]}")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     raise RuntimeError(f"no result from worker for {spec}:\n{proc.stdout[-2000:]}")
+
+
+def _output_diff(path, base_path) -> str:
+    """Largest |difference| of pixel-decoder mask features, final class logits and final mask
+    logits between two saved runs."""
+    import torch
+
+    mine, base = torch.load(path, weights_only=True), torch.load(base_path, weights_only=True)
+    return ", ".join(f"{k} {(mine[k] - base[k]).abs().max().item():.1e}"
+                     for k in ("pixel_decoder", "pred_logits", "pred_masks"))
 
 
 def _fmt(times):
@@ -277,11 +383,21 @@ def main(argv=None):
     parser.add_argument("--output", help="also write the Markdown report to this file")
     parser.add_argument("--in-process", action="store_true",
                         help="run every case in this process (no per-case peak RSS)")
+    parser.add_argument("--steps", default="0,10", help="comma-separated steps of 100-5 (default 0,10)")
+    parser.add_argument("--no-loop", action="store_true", help="skip the official per-group loop rows")
+    parser.add_argument("--baseline-repo", help="also time the package of this checkout (same weights); "
+                        "ratios are new / baseline")
+    parser.add_argument("--bf16", action="store_true", help="also time MODEL.CPU_BF16 True")
+    parser.add_argument("--ab", action="store_true", help="also time this checkout against its previous "
+                        "CPU paths in one process, runs interleaved (robust ratios on a noisy machine)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        if spec.get("repo"):
+            sys.path.insert(0, spec["repo"])
+        print(json.dumps(measure(spec)))
         return 0
 
     if args.quick:
@@ -307,19 +423,50 @@ def main(argv=None):
         "- peak RSS = peak resident memory of the whole worker process (libraries included)"
         + (" - not measured (--in-process)" if args.in_process else ""),
         "",
-        "| model | step | queries (groups) | variant | decoder ms | whole-model ms | peak RSS MB | max abs diff vs grouped |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | step | queries (groups) | variant | pixel decoder ms | decoder ms | whole-model ms "
+        "| vs baseline: pixel decoder / decoder / whole | peak RSS MB | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(header), flush=True)
-    rows = []
-    for size, step, variant in cases(sizes):
+    rows, baselines = [], {}
+    steps = [int(x) for x in args.steps.split(",") if x.strip()]
+    tmp = tempfile.mkdtemp(prefix="bench_inference_")
+    for size, step, variant in cases(sizes, steps, not args.no_loop, bool(args.baseline_repo), args.bf16,
+                                     args.ab):
         spec = {"size": size, "step": step, "variant": variant, "threads": args.threads,
-                "runs": args.runs, "warmup": args.warmup, "image_size": args.image_size}
-        res = run_case(spec, args.in_process)
+                "runs": args.runs, "warmup": args.warmup, "image_size": args.image_size,
+                "bf16": variant == BF16, "save": os.path.join(tmp, f"{size}_{step}_{len(rows)}.pt")}
+        if variant == BASELINE:
+            spec["repo"] = str(Path(args.baseline_repo).resolve())
+        res = run_case(spec, args.in_process and variant != BASELINE)
         rss = "n/a" if args.in_process else f"{res['peak_rss_mb']:.0f}"
-        diff = "-" if res["max_abs_diff"] is None else f"{res['max_abs_diff']:.1e}"
+        diff = "-" if res["max_abs_diff"] is None else f"{res['max_abs_diff']:.1e} vs grouped"
+        ratio = "-"
+        if variant == BASELINE:
+            if not res["package"].startswith(spec["repo"]):
+                raise RuntimeError(f"the baseline worker imported {res['package']}, not {spec['repo']}")
+            baselines[(size, step)] = (res, spec["save"])
+        elif (size, step) in baselines:
+            base, base_file = baselines[(size, step)]
+            ratio = " / ".join(
+                f"{statistics.median(res[k]) / statistics.median(base[k]):.2f}x"
+                for k in ("pixel_decoder_ms", "decoder_ms", "whole_ms")
+            )
+            diff = _output_diff(spec["save"], base_file) + " vs baseline"
+        if variant == AB:
+            ratio = " / ".join(
+                f"{statistics.median(res[k]) / statistics.median(res['previous_' + k]):.2f}x"
+                for k in ("pixel_decoder_ms", "decoder_ms", "whole_ms")
+            ) + " (vs previous paths, interleaved)"
+            diff = f"{res['max_abs_diff']:.1e} vs previous paths"
+            prev_row = (f"| {size} | {step} | {res['queries']} ({res['groups']}) | previous CPU paths (A/B) | "
+                        f"{_fmt(res['previous_pixel_decoder_ms'])} | {_fmt(res['previous_decoder_ms'])} | "
+                        f"{_fmt(res['previous_whole_ms'])} | - | - | - |")
+            rows.append(prev_row)
+            print(prev_row, flush=True)
         row = (f"| {size} | {step} | {res['queries']} ({res['groups']}) | {variant} | "
-               f"{_fmt(res['decoder_ms'])} | {_fmt(res['whole_ms'])} | {rss} | {diff} |")
+               f"{_fmt(res['pixel_decoder_ms'])} | {_fmt(res['decoder_ms'])} | {_fmt(res['whole_ms'])} | "
+               f"{ratio} | {rss} | {diff} |")
         rows.append(row)
         print(row, flush=True)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"

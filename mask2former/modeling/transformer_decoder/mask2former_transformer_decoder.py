@@ -78,9 +78,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     _version = 2
 
     full_intermediate_predictions = False
-    """At inference, compute every layer's class logits and full-resolution masks (as the
-    official code does) instead of only the last layer's; :mod:`mask2former.utils.reference_check`
-    sets it to compare the per-layer class logits. The returned outputs are the same."""
+    """Compute every layer's class logits and full-resolution masks, as the official code does,
+    at inference and at a prompt step, instead of only those that are returned;
+    :mod:`mask2former.utils.reference_check` sets it to compare the per-layer class logits.
+    The returned outputs are the same (up to float rounding)."""
 
     @configurable
     def __init__(
@@ -393,7 +394,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             lambda i: self._prompt_pos(k, i).unsqueeze(1).repeat(1, bs, 1),
             ([head], [self.num_prompts]),
             None,
-            needed=None if self.prompt_supervise_all_layers else [0, self.num_layers],
+            needed=None if self.prompt_supervise_all_layers or self.full_intermediate_predictions
+            else [0, self.num_layers],
         )
         # The official implementation keeps only the pre-decoder prediction as auxiliary
         # output at steps > 0 (intermediate layers unsupervised); reproduced by default. The
