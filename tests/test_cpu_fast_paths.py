@@ -205,3 +205,25 @@ def test_cpu_bf16_training_losses_are_float32_and_backpropagate():
     sum(losses.values()).backward()
     grad = bf16.sem_seg_head.predictor.class_embed
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in grad.parameters())
+
+
+def test_pixel_decoder_uses_embedding_bag_only_without_gradients(monkeypatch):
+    """Inference (and a frozen pixel decoder) take the embedding_bag core; a trainable one keeps
+    the grid_sample core, whose CPU backward is faster. Both give the same features."""
+    from mask2former.modeling.pixel_decoder import msdeformattn
+    from mask2former.utils.reference_check import _load, build_fixture_model
+
+    fixture = REFERENCE_FIXTURES[0]
+    _, model = build_fixture_model(str(fixture))
+    pixel_decoder = model.sem_seg_head.pixel_decoder.eval()
+    feats = _load(str(fixture), "backbone_features.pt")["infer"]
+    calls = []
+    original = msdeformattn.deform_attn_cpu
+    monkeypatch.setattr(msdeformattn, "deform_attn_cpu", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        fast = pixel_decoder.forward_features(feats)[0]
+    assert len(calls) == len(pixel_decoder.transformer.encoder.layers)
+    calls.clear()
+    trained = pixel_decoder.forward_features(feats)[0]
+    assert not calls and trained.requires_grad
+    torch.testing.assert_close(fast, trained.detach(), atol=1e-5, rtol=0)

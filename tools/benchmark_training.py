@@ -15,10 +15,18 @@ the imported libraries, so compare rows, not absolute numbers. The time is forwa
 optimizer step (AdamW, full-model clipping), median / min over ``--runs`` iterations after
 ``--warmup`` ones.
 
+``--ab`` also times, in the same worker and interleaved iteration by iteration, the CPU code
+paths this checkout replaced (``benchmark_inference.previous_cpu_paths``: grid_sample
+deformable attention, every decoder prediction computed at a prompt step) and reports the
+ratio; ``--baseline-repo PATH`` runs every case with the package of another checkout too (same
+weights and batch; its own process, so its peak RSS is comparable); ``--bf16`` adds
+``MODEL.CPU_BF16 True``.
+
 Usage::
 
     python tools/benchmark_training.py                   # tiny and real, batch 2 of 512x512
     python tools/benchmark_training.py --sizes tiny --image-size 256 --output train_bench.md
+    python tools/benchmark_training.py --sizes real --threads 1 --ab --bf16 --baseline-repo ../main
 """
 import argparse
 import json
@@ -30,7 +38,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_inference import REPO, _timed, build_cfg, machine_description  # noqa: E402
+from benchmark_inference import (  # noqa: E402
+    REPO, _timed, _timed_ab, build_cfg, machine_description, previous_cpu_paths,
+)
 
 TRAIN_KEYS = [
     "CONT.BACKBONE_FREEZE", "True", "CONT.CLS_HEAD_FREEZE", "True", "CONT.MASK_HEAD_FREEZE", "True",
@@ -51,6 +61,8 @@ def measure(spec: dict) -> dict:
     torch.manual_seed(0)
     cfg = build_cfg(spec["size"], spec["step"])
     cfg.merge_from_list(TRAIN_KEYS)
+    if spec.get("bf16"):
+        cfg.MODEL.CPU_BF16 = True
     model = IncrementalTrainer.build_model(cfg)  # the step's freezing applied
     model.train()
     optimizer = IncrementalTrainer.build_optimizer(cfg, model)
@@ -72,8 +84,16 @@ def measure(spec: dict) -> dict:
         sum(losses.values()).backward()
         optimizer.step()
 
-    times = _timed(iteration, spec["warmup"], spec["runs"])
+    import mask2former as package
+
+    result = {"package": str(Path(package.__file__).resolve().parent)}
+    if spec.get("ab"):
+        times, result["previous_ms"] = _timed_ab(
+            iteration, lambda: previous_cpu_paths(model), spec["warmup"], spec["runs"])
+    else:
+        times = _timed(iteration, spec["warmup"], spec["runs"])
     return {
+        **result,
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total": sum(p.numel() for p in model.parameters()),
         "ms": times,
@@ -84,7 +104,9 @@ def measure(spec: dict) -> dict:
 def run_case(spec: dict) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
+    if spec.get("repo"):  # the baseline checkout's packages come first on the path
+        env["PYTHONPATH"] = os.pathsep.join([spec["repo"], env.get("PYTHONPATH", "")])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=spec.get("repo") or str(REPO))
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed for {spec}:\n{proc.stderr[-4000:]}")
     return json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
@@ -100,10 +122,17 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed iterations")
     parser.add_argument("--output", help="also write the table (Markdown) to this file")
+    parser.add_argument("--ab", action="store_true",
+                        help="also time the replaced CPU paths in the same worker, interleaved")
+    parser.add_argument("--baseline-repo", help="also run every case with the package of this checkout")
+    parser.add_argument("--bf16", action="store_true", help="also time MODEL.CPU_BF16 True")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+        spec = json.loads(args.worker)
+        if spec.get("repo"):
+            sys.path.insert(0, spec["repo"])
+        print(json.dumps(measure(spec)))
         return 0
     if args.quick:
         args.warmup, args.runs = 1, 2
@@ -111,16 +140,38 @@ def main(argv=None) -> int:
              f"- batch of {args.batch} random {args.image_size}x{args.image_size} images, "
              f"median / min of {args.runs} iterations after {args.warmup} warm-up",
              "",
-             "| model | step | trainable parameters | iteration ms | peak RSS MB |",
-             "|---|---|---|---|---|"]
+             "| model | step | variant | trainable parameters | iteration ms | vs baseline | peak RSS MB |",
+             "|---|---|---|---|---|---|---|"]
+    variants = (["baseline"] if args.baseline_repo else []) + ["float32"] + (["bf16"] if args.bf16 else [])
     for size in args.sizes.split(","):
         for step in (0, 1):
-            spec = {"size": size, "step": step, "threads": args.threads, "runs": args.runs,
-                    "warmup": args.warmup, "image_size": args.image_size, "batch": args.batch}
-            r = run_case(spec)
-            lines.append(f"| {size} | {step} | {r['trainable']:,} of {r['total']:,} | "
-                         f"{statistics.median(r['ms']):.0f} / {min(r['ms']):.0f} | {r['peak_rss_mb']:.0f} |")
-            print(lines[-1], flush=True)
+            base = None
+            for variant in variants:
+                spec = {"size": size, "step": step, "threads": args.threads, "runs": args.runs,
+                        "warmup": args.warmup, "image_size": args.image_size, "batch": args.batch,
+                        "bf16": variant == "bf16", "ab": args.ab and variant == "float32"}
+                if variant == "baseline":
+                    spec["repo"] = str(Path(args.baseline_repo).resolve())
+                r = run_case(spec)
+                if variant == "baseline" and not r["package"].startswith(spec["repo"]):
+                    raise RuntimeError(f"the baseline worker imported {r['package']}, not {spec['repo']}")
+                ratio = "-"
+                if base is not None:
+                    ratio = f"{statistics.median(r['ms']) / statistics.median(base['ms']):.2f}x"
+                if variant == "baseline":
+                    base = r
+                name = {"baseline": "baseline (--baseline-repo)", "float32": "this checkout, float32",
+                        "bf16": "this checkout, MODEL.CPU_BF16 True"}[variant]
+                if spec["ab"]:
+                    ab = f"{statistics.median(r['ms']) / statistics.median(r['previous_ms']):.2f}x"
+                    lines.append(f"| {size} | {step} | previous CPU paths (A/B, same worker) | "
+                                 f"{r['trainable']:,} of {r['total']:,} | "
+                                 f"{statistics.median(r['previous_ms']):.0f} / {min(r['previous_ms']):.0f} | - | - |")
+                    print(lines[-1], flush=True)
+                    name += f" (A/B: {ab} of the previous paths)"
+                lines.append(f"| {size} | {step} | {name} | {r['trainable']:,} of {r['total']:,} | "
+                             f"{statistics.median(r['ms']):.0f} / {min(r['ms']):.0f} | {ratio} | {r['peak_rss_mb']:.0f} |")
+                print(lines[-1], flush=True)
     table = "\n".join(lines)
     print("\n" + table)
     if args.output:

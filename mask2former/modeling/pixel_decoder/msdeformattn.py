@@ -97,8 +97,14 @@ def _deformable_attention(attn: MSDeformAttn, query: Tensor, reference_points: T
                           spatial_shapes: Tensor, level_start_index: Tensor,
                           padding_mask: Optional[Tensor]) -> Tensor:
     """``attn(query, reference_points, src, ...)``, with :func:`deform_attn_cpu` as the sampling
-    core for CPU tensors (the module's own forward, unchanged, everywhere else)."""
-    if src.is_cuda:
+    core for CPU tensors when no gradient is needed (inference, a frozen pixel decoder); the
+    module's own forward, unchanged, everywhere else. ``embedding_bag``'s backward (a sort of
+    every index) is slower on CPU than ``grid_sample``'s, so a trainable pixel decoder keeps the
+    ``grid_sample`` core."""
+    needs_grad = torch.is_grad_enabled() and (
+        query.requires_grad or src.requires_grad or any(p.requires_grad for p in attn.parameters())
+    )
+    if src.is_cuda or needs_grad:
         return attn(query, reference_points, src, spatial_shapes, level_start_index, padding_mask)
     batch, num_queries, _ = query.shape
     value = attn.value_proj(src)
