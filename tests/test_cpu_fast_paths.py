@@ -227,3 +227,16 @@ def test_pixel_decoder_uses_embedding_bag_only_without_gradients(monkeypatch):
     trained = pixel_decoder.forward_features(feats)[0]
     assert not calls and trained.requires_grad
     torch.testing.assert_close(fast, trained.detach(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("num_queries", [1, 2, 37])
+def test_best_query_is_the_argmax_with_first_query_on_ties(num_queries):
+    from mask2former.modeling.postprocessing import _best_query
+
+    g = torch.Generator().manual_seed(num_queries)
+    masks = torch.rand(num_queries, 9, 11, generator=g)
+    masks[:, :3] = 0.5  # ties everywhere in these rows
+    scores = torch.rand(num_queries, generator=g)
+    scores[-1] = scores[0]
+    expected = (scores.view(-1, 1, 1) * masks).argmax(0)
+    assert torch.equal(_best_query(scores, masks), expected)

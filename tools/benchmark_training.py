@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_inference import (  # noqa: E402
-    REPO, _timed, _timed_ab, build_cfg, machine_description, previous_cpu_paths,
+    REPO, _ratio, _timed, _timed_ab, build_cfg, machine_description, previous_cpu_paths,
 )
 
 TRAIN_KEYS = [
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
              f"- batch of {args.batch} random {args.image_size}x{args.image_size} images, "
              f"median / min of {args.runs} iterations after {args.warmup} warm-up",
              "",
-             "| model | step | variant | trainable parameters | iteration ms | vs baseline | peak RSS MB |",
+             "| model | step | variant | trainable parameters | iteration ms | vs baseline, median (min) | peak RSS MB |",
              "|---|---|---|---|---|---|---|"]
     variants = (["baseline"] if args.baseline_repo else []) + ["float32"] + (["bf16"] if args.bf16 else [])
     for size in args.sizes.split(","):
@@ -157,13 +157,13 @@ def main(argv=None) -> int:
                     raise RuntimeError(f"the baseline worker imported {r['package']}, not {spec['repo']}")
                 ratio = "-"
                 if base is not None:
-                    ratio = f"{statistics.median(r['ms']) / statistics.median(base['ms']):.2f}x"
+                    ratio = _ratio(r["ms"], base["ms"])
                 if variant == "baseline":
                     base = r
                 name = {"baseline": "baseline (--baseline-repo)", "float32": "this checkout, float32",
                         "bf16": "this checkout, MODEL.CPU_BF16 True"}[variant]
                 if spec["ab"]:
-                    ab = f"{statistics.median(r['ms']) / statistics.median(r['previous_ms']):.2f}x"
+                    ab = _ratio(r["ms"], r["previous_ms"])
                     lines.append(f"| {size} | {step} | previous CPU paths (A/B, same worker) | "
                                  f"{r['trainable']:,} of {r['total']:,} | "
                                  f"{statistics.median(r['previous_ms']):.0f} / {min(r['previous_ms']):.0f} | - | - |")

@@ -195,6 +195,19 @@ def _kept_queries(
     return scores[keep], labels[keep], mask_pred[keep].sigmoid()
 
 
+def _best_query(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``(scores.view(-1, 1, 1) * masks).argmax(0)`` (first query on ties), as a running
+    maximum over the queries: no [K, H, W] product, and each step is a contiguous pass over one
+    map, which on CPU is several times faster than ``argmax`` over the leading dimension."""
+    best = masks[0] * scores[0]
+    winner = torch.zeros(masks.shape[1:], dtype=torch.long, device=masks.device)
+    for k in range(1, masks.shape[0]):
+        candidate = masks[k] * scores[k]
+        winner.masked_fill_(candidate > best, k)
+        best = torch.maximum(best, candidate)
+    return winner
+
+
 def _assign_pixels(
     scores: torch.Tensor,
     masks: torch.Tensor,
@@ -218,7 +231,7 @@ def _assign_pixels(
         survives: K bools, whether each query's segment is kept.
     """
     num_kept = scores.shape[0]
-    winner = (scores.view(-1, 1, 1) * masks).argmax(0)
+    winner = _best_query(scores, masks)
     own_mask = masks >= mask_threshold
     # Segments are disjoint (one winner per pixel), so every per-query area below is one
     # pass over the pixels instead of K full-image comparisons.
