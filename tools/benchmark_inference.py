@@ -239,7 +239,19 @@ def measure(spec: dict) -> dict:
     if spec.get("bf16"):
         cfg.MODEL.CPU_BF16 = True
     model = build_model(cfg).eval()
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if spec.get("bf16") else contextlib.nullcontext
+    bf16 = {"on": bool(spec.get("bf16"))}  # switched off inside float32_paths() below
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16) if bf16["on"] else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def float32_paths():
+        """The same model and inputs with MODEL.CPU_BF16 switched off (in-process A/B)."""
+        bf16["on"] = model.cpu_bf16 = model.sem_seg_head.pixel_decoder.cpu_bf16 = False
+        try:
+            yield
+        finally:
+            bf16["on"] = model.cpu_bf16 = model.sem_seg_head.pixel_decoder.cpu_bf16 = True
     pred = model.sem_seg_head.predictor
     size = spec["image_size"]
     g = torch.Generator().manual_seed(0)
@@ -248,9 +260,9 @@ def measure(spec: dict) -> dict:
 
     with torch.no_grad():
         images = model.preprocess_images(inputs)
-        with autocast():
-            features = model.backbone(images.tensor)
-            mask_features, _, multi_scale = model.sem_seg_head.pixel_decoder.forward_features(features)
+        # float32 inputs for the decoder-only and pixel-decoder-only timings, in both modes
+        features = model.backbone(images.tensor)
+        mask_features, _, multi_scale = model.sem_seg_head.pixel_decoder.forward_features(features)
 
         def decoder():
             with autocast():
@@ -279,8 +291,8 @@ def measure(spec: dict) -> dict:
                 result["max_abs_diff"] = max(
                     (out[k] - reference[k]).abs().max().item() for k in ("pred_logits", "pred_masks")
                 )
-            if spec["variant"] == AB:
-                prev = lambda: previous_cpu_paths(model)  # noqa: E731
+            if spec["variant"] in (AB, BF16):
+                prev = (lambda: previous_cpu_paths(model)) if spec["variant"] == AB else float32_paths
                 with prev():
                     old = decoder()
                 new = decoder()
@@ -460,15 +472,24 @@ def main(argv=None):
             if not res["package"].startswith(spec["repo"]):
                 raise RuntimeError(f"the baseline worker imported {res['package']}, not {spec['repo']}")
             baselines[(size, step)] = (res, spec["save"])
-        elif (size, step) in baselines:
+        elif (size, step) in baselines and variant not in (AB, BF16):
             base, base_file = baselines[(size, step)]
             ratio = " / ".join(_ratio(res[k], base[k]) for k in ("pixel_decoder_ms", "decoder_ms", "whole_ms"))
             diff = _output_diff(spec["save"], base_file) + " vs baseline"
-        if variant == AB:
+        if variant in (AB, BF16):
+            what = "previous paths" if variant == AB else "float32"
             ratio = " / ".join(_ratio(res[k], res["previous_" + k])
-                               for k in ("pixel_decoder_ms", "decoder_ms", "whole_ms")) + " (vs previous paths)"
-            diff = f"{res['max_abs_diff']:.1e} vs previous paths"
-            prev_row = (f"| {size} | {step} | {res['queries']} ({res['groups']}) | previous CPU paths (A/B) | "
+                               for k in ("pixel_decoder_ms", "decoder_ms", "whole_ms")) + f" (vs {what}, A/B)"
+            if (size, step) in baselines:
+                base = baselines[(size, step)][0]
+                ratio += "; vs baseline: " + " / ".join(
+                    _ratio(res[k], base[k]) for k in ("pixel_decoder_ms", "decoder_ms", "whole_ms"))
+            diff = f"{res['max_abs_diff']:.1e} vs {what}"
+            if variant == BF16:
+                diff += "; " + _output_diff(spec["save"], baselines[(size, step)][1]) + " vs baseline" \
+                    if (size, step) in baselines else ""
+            label = "previous CPU paths (A/B)" if variant == AB else "this checkout, float32 (A/B with the bf16 row)"
+            prev_row = (f"| {size} | {step} | {res['queries']} ({res['groups']}) | {label} | "
                         f"{_fmt(res['previous_pixel_decoder_ms'])} | {_fmt(res['previous_decoder_ms'])} | "
                         f"{_fmt(res['previous_whole_ms'])} | - | - | - |")
             rows.append(prev_row)
