@@ -57,8 +57,8 @@ class SelfAttentionLayer(nn.Module):
 class CrossAttentionLayer(nn.Module):
     """Masked cross-attention from queries [Q, B, C] to image tokens ``memory`` [HW, B, C].
 
-    ``memory_mask`` is bool [B*heads, Q, HW] (True = blocked); ``pos`` is added to the keys and
-    ``query_pos`` to the queries.
+    ``memory_mask`` is bool [B*heads, Q, HW] (True = blocked) or additive float (-inf = blocked);
+    ``pos`` is added to the keys and ``query_pos`` to the queries.
     """
 
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):

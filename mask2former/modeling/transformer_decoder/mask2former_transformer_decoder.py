@@ -335,18 +335,23 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         return torch.cat([head(c) for head, c in zip(mask_heads, chunks)], dim=1)
 
     def _blocked(self, attn_logits: Tensor) -> Tensor:
-        """Mask logits [B, Q, h, w] at the attention resolution -> bool [B*heads, Q, h*w]."""
+        """Mask logits [B, Q, h, w] at the attention resolution -> additive attention mask
+        [B*heads, Q, h*w]: ``-inf`` where blocked, 0 elsewhere (what
+        :class:`torch.nn.MultiheadAttention` makes of a bool mask, built here once per image
+        instead of once per head; with one image the heads share it without a copy)."""
         blocked = attn_logits.detach().sigmoid().flatten(2) < 0.5
         # a query whose mask blocks every location attends everywhere instead
         blocked[blocked.all(-1)] = False
-        return blocked.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
+        additive = torch.zeros(blocked.shape, dtype=attn_logits.dtype, device=blocked.device)
+        additive.masked_fill_(blocked, float("-inf"))
+        return additive.unsqueeze(1).expand(-1, self.num_heads, -1, -1).flatten(0, 1)
 
     def _predict(self, output: Tensor, mask_features: Tensor, attn_size, heads):
         """Prediction heads on decoder output [Q, B, C].
 
         Returns class logits [B, Q, C+1], mask logits [B, Q, H, W] and the next layer's
-        attention mask, bool [B*heads, Q, h*w] (True = blocked), or None when ``attn_size`` is
-        None (after the last layer).
+        attention mask, additive [B*heads, Q, h*w] (-inf = blocked, see :meth:`_blocked`), or
+        None when ``attn_size`` is None (after the last layer).
         """
         decoded = self.decoder_norm(output).transpose(0, 1)
         class_logits = self.class_embed(decoded)
