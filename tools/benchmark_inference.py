@@ -137,8 +137,9 @@ def previous_cpu_paths(model):
     in-process A/B comparison (same weights, same inputs, runs interleaved): every decoder
     layer's class logits and full-resolution masks (``full_intermediate_predictions``), the
     ``grid_sample`` deformable-attention core (``MSDeformAttn.forward``), the crop/resize
-    pass of the post-processing even when it is the identity and its ``argmax`` over the
-    queries of the full-resolution score-times-probability stack."""
+    pass of the post-processing even when it is the identity, its ``argmax`` over the
+    queries of the full-resolution score-times-probability stack, and a bool attention mask
+    repeated for every head."""
     from detectron2.modeling.postprocessing import sem_seg_postprocess
 
     from mask2former.modeling import postprocessing
@@ -156,6 +157,12 @@ def previous_cpu_paths(model):
         return (scores.view(-1, 1, 1) * masks).argmax(0)
 
     pred = model.sem_seg_head.predictor
+
+    def bool_per_head_mask(attn_logits):
+        blocked = attn_logits.detach().sigmoid().flatten(2) < 0.5
+        blocked[blocked.all(-1)] = False
+        return blocked.unsqueeze(1).repeat(1, pred.num_heads, 1, 1).flatten(0, 1)
+
     names = ((msdeformattn, "_deformable_attention", grid_sample_attention),
              (postprocessing, "inference_mask_input", mask_input),
              (postprocessing, "_best_query", best_query))
@@ -163,12 +170,13 @@ def previous_cpu_paths(model):
     for module, name, previous in names:
         setattr(module, name, previous)
     pred.full_intermediate_predictions = True
+    pred._blocked = bool_per_head_mask
     try:
         yield model
     finally:
         for (module, name, _), current in zip(names, saved):
             setattr(module, name, current)
-        del pred.full_intermediate_predictions
+        del pred.full_intermediate_predictions, pred._blocked
 
 
 def _timed_ab(fn, previous, warmup: int, runs: int):
