@@ -154,9 +154,14 @@ def compare_split(split: str, expected_json: str, expected_dir: str, actual_json
         problems.append(f"images are listed in another order: ours {act_order}, expected {exp_order}")
     act_images = {img["id"]: img for img in actual["images"]}
     act_anns = {a["image_id"]: a for a in actual["annotations"]}
+    exp_anns = {a["image_id"]: a for a in expected["annotations"]}
     results = []
-    for exp_img, exp_ann in zip(expected["images"], expected["annotations"]):
+    for exp_img in expected["images"]:
         image_id = exp_img["id"]
+        if image_id not in exp_anns:
+            results.append(ImageResult(split, str(image_id), [f"{expected_json} has no annotation for it"]))
+            continue
+        exp_ann = exp_anns[image_id]
         if image_id not in act_images or image_id not in act_anns:
             results.append(ImageResult(split, str(image_id), [f"missing from {actual_json}"]))
             continue
