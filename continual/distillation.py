@@ -416,6 +416,8 @@ class DistillationLoss:
         self.pod_weight = d.POD_WEIGHT
         self.pseudo, self.pseudo_threshold = bool(d.PSEUDO), d.PSEUDO_THRESHOLD
         self.deep_supervision = bool(mf.DEEP_SUPERVISION)
+        #: pseudo-labels added per image by the last prepare_targets call (for logging)
+        self.last_pseudo_counts: List[int] = []
         # the official wrapper runs the teacher for KD and pseudo-labels (and, intended, POD)
         self.uses_teacher = self.kd_weight > 0 or self.pseudo or self.pod_weight > 0
         if self.mask_kd > 0 and not self.uses_teacher:
