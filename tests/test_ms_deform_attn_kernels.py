@@ -279,3 +279,13 @@ def test_compiled_extension_wrapper_with_a_stand_in(clean_selection, monkeypatch
     calls.clear()
     out = ms_deform_attn(value.half(), SHAPES, STARTS, loc.half(), weights.half(), impl="cuda_ext")
     assert out.dtype == torch.float16 and calls == [("forward", torch.float32, 2)]
+
+
+def test_gpu_benchmark_stops_with_a_clear_message_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run tools/benchmark_gpu.py itself")
+    from conftest import load_script
+
+    tool = load_script("tools/benchmark_gpu.py")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        tool.main([])
