@@ -113,7 +113,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             num_prompts: prompts per step P (0: no prompt banks).
             prompt_deep: one positional embedding per decoder layer for each prompt set.
             prompt_mask_mlp: a mask-embedding MLP per prompt set.
-            prompt_no_obj_mlp: a no-object MLP per prompt set (used at inference only).
+            prompt_no_obj_mlp: a no-object MLP per prompt set, used at inference (in training see
+                :meth:`_training_no_object_heads`).
             deep_cls, cls_bias: class-head type, see :class:`IncrementalClassifier`.
             logit_deltas: one delta per group for the inference logit manipulation.
             prompt_supervise_all_layers: at step > 0, return every layer's prediction as
@@ -317,6 +318,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_heads, sizes = heads
         decoded = self.decoder_norm(output).transpose(0, 1)
         class_logits = self.class_embed(decoded)
+        if self.training and self.has_prompts and len(self.prompt_no_obj_embed):
+            self._training_no_object_heads(class_logits, decoded)
         if len(mask_heads) == 1:
             mask_emb = mask_heads[0](decoded)
         else:
@@ -326,6 +329,21 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         attn = F.interpolate(mask_logits, size=attn_size, mode="bilinear", align_corners=False)
         attn = attn.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
         return class_logits, mask_logits, attn.detach()
+
+    def _training_no_object_heads(self, class_logits: Tensor, decoded: Tensor) -> None:
+        """The per-step no-object heads in a prompt-tuning forward, as the official code runs them.
+
+        The official training forward writes each head's output into the rows that step's
+        prompts would occupy at inference (offset ``Q0 + (k) * P``), although the training
+        tensor holds only the P newest prompts. With ``Q0 >= P`` these row ranges are empty: the
+        heads change no logit, but they stay in the autograd graph, so the trainable newest head
+        gets a gradient of zeros (not None) and AdamW's weight decay still shrinks it.
+        """
+        rows = decoded.shape[1]
+        for k, head in enumerate(self.prompt_no_obj_embed):
+            start = min(self.num_queries + k * self.num_prompts, rows)
+            stop = min(start + self.num_prompts, rows)
+            class_logits[:, start:stop, -1] = head(decoded)[:, start:stop, 0]
 
     def _forward_base_train(self, memories, mask_features: Tensor) -> Dict:
         bs = mask_features.shape[0]
