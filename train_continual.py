@@ -11,26 +11,21 @@ import logging
 import os
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import mask2former  # noqa: F401  (registers the model and the datasets)
 from continual.checkpoint import check_checkpoint_for_step, read_model_state
-from continual.config import add_continual_config, merge_config, setup_continual_names
+from continual.config import setup_cfg, setup_continual_names
 from continual.trainer import IncrementalTrainer, write_step_results
-from mask2former.config import add_maskformer2_config
 
 logger = logging.getLogger("train_continual")
 
 
 def setup(args):
     """Config from the file and the command line, with the derived run names."""
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)
+    cfg = setup_cfg(args.config_file, args.opts)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         cfg.MODEL.DEVICE = "cpu"
     setup_continual_names(cfg)

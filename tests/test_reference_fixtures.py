@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import REFERENCE_FIXTURES, REPO
-from mask2former.utils.reference_check import format_table, run_checks
+from continual.reference_check import format_table, run_checks
 
 
 def test_fixtures_are_present():

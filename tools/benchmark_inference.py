@@ -124,26 +124,18 @@ def official_per_group_loop(decoder):
 # one measurement (runs in a worker process)
 # --------------------------------------------------------------------------------------------
 def build_cfg(size: str, step: int):
-    from detectron2.config import get_cfg
+    from continual.config import setup_cfg
 
-    from continual.config import add_continual_config
-    from mask2former.config import add_maskformer2_config
-
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    opts = []
-    if size == "tiny":
-        cfg.merge_from_file(str(TINY_CONFIG))
-    elif REAL_CONFIG.is_file():
-        cfg.merge_from_file(str(REAL_CONFIG))
-    else:
-        cfg.merge_from_file(str(TINY_CONFIG))
-        opts += REAL_SIZE_OVERRIDES
+    opts, config_file = [], TINY_CONFIG
+    if size != "tiny":
+        if REAL_CONFIG.is_file():
+            config_file = REAL_CONFIG
+        else:
+            opts += REAL_SIZE_OVERRIDES
     prompts = PROMPTS[size] if step > 0 else 0  # the official step 0 runs without prompts
     opts += ECLIPSE_100_5 + ["CONT.TASK", str(step), "CONT.NUM_PROMPTS", str(prompts),
                              "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
-    cfg.merge_from_list(opts)
+    cfg = setup_cfg(config_file, opts)
     # the evaluation deltas of script/ade_ps/100_5.sh ([0.4, 0.6 x 10]); set directly because the
     # YAML may hold a list or None
     cfg.CONT.LOGIT_MANI_DELTAS = [0.4, 0.6]

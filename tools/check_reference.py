@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from mask2former.utils.reference_check import format_table, run_checks  # noqa: E402
+from continual.reference_check import format_table, run_checks  # noqa: E402
 
 
 def main(argv=None) -> int:

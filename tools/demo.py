@@ -99,17 +99,10 @@ def setup_cfg(config_file: str, opts: Sequence[str] = (), mode: Optional[str] = 
     ``mode`` None keeps the config's outputs (panoptic if ``PANOPTIC_ON``, else semantic).
     Returns ``(cfg, mode)``.
     """
-    from detectron2.config import get_cfg
-
     import mask2former  # noqa: F401  (registers the model and the datasets' metadata)
-    from continual.config import add_continual_config
-    from mask2former.config import add_maskformer2_config
+    from continual.config import setup_cfg as build_config
 
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = build_config(config_file, opts)
     test = cfg.MODEL.MASK_FORMER.TEST
     if mode is None:
         mode = "panoptic" if test.PANOPTIC_ON else "semantic"

@@ -21,14 +21,13 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from continual.config import add_continual_config
-from continual.prompt_tuning import initialize_new_step
-from mask2former.config import add_maskformer2_config
 from mask2former.modeling.criterion import weight_losses
+
+from .config import setup_cfg
+from .prompt_tuning import initialize_new_step
 
 __all__ = ["CheckResult", "run_checks", "load_fixture_config", "build_fixture_model", "format_table"]
 
@@ -44,14 +43,7 @@ class CheckResult:
 
 def load_fixture_config(fixture_dir: str):
     """The fixture's resolved config, on CPU and without a weights file."""
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    cfg.merge_from_file(os.path.join(fixture_dir, "config.yaml"))
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.freeze()
-    return cfg
+    return setup_cfg(os.path.join(fixture_dir, "config.yaml"), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""], freeze=True)
 
 
 def build_fixture_model(fixture_dir: str):
