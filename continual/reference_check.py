@@ -234,7 +234,7 @@ def _check_training(fixture_dir, manifest, model, results):
     backbone_trainable = manifest["train"]["backbone_trainable"]
     feats = {k: v.clone().requires_grad_(backbone_trainable) for k, v in
              _load(fixture_dir, "backbone_features.pt")["train"].items()}
-    out = model.head_outputs(feats)
+    out = model.sem_seg_head(feats)
     exp = ref["predictor_out"]
     results.append(_close("train pred_logits", out["pred_logits"], exp["pred_logits"], atol=5e-5, rtol=1e-5))
     results.append(_close("train pred_masks", out["pred_masks"], exp["pred_masks"], atol=5e-5, rtol=1e-5))

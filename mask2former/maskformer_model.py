@@ -39,7 +39,7 @@ def _class_loss_type(cfg) -> str:
         f"MODEL.MASK_FORMER.FOCAL={focal} with CONT.SOFTCLS={softcls} is not supported: use "
         "FOCAL True + CONT.SOFTCLS False (ECLIPSE's sigmoid focal loss, all official scripts) or "
         "FOCAL False + CONT.SOFTCLS True (Mask2Former's softmax cross-entropy). The official "
-        "sigmoid cross-entropy for FOCAL False + SOFTCLS False is broken (ECLIPSE_SPEC 1.10.8)."
+        "sigmoid cross-entropy for FOCAL False + SOFTCLS False is broken (docs/official_behaviours.md)."
     )
 
 
@@ -65,13 +65,6 @@ def build_criterion(cfg, num_classes: int) -> SetCriterion:
         focal_alpha=mf.FOCAL_ALPHA,
         focal_gamma=mf.FOCAL_GAMMA,
     )
-
-
-def _no_grad_if_frozen(module: nn.Module):
-    """``torch.no_grad()`` when nothing in ``module`` is trainable, so that a frozen backbone or
-    pixel decoder keeps no autograd graph (prompt tuning at steps > 0)."""
-    frozen = not any(p.requires_grad for p in module.parameters())
-    return torch.no_grad() if frozen else nullcontext()
 
 
 @META_ARCH_REGISTRY.register()
@@ -153,15 +146,6 @@ class MaskFormer(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
 
-    def head_outputs(self, features: Dict[str, Tensor]) -> Dict:
-        """Run the head on backbone features; a frozen pixel decoder runs without autograd."""
-        head = self.sem_seg_head
-        if not self.training:
-            return head(features)
-        with _no_grad_if_frozen(head.pixel_decoder):
-            mask_features, _, multi_scale = head.pixel_decoder.forward_features(features)
-        return head.predictor(multi_scale, mask_features, None)
-
     def prepare_targets(self, gt_instances, padded_size: Tuple[int, int]) -> List[Dict]:
         """Instances -> criterion targets ``{"labels": [n], "masks": bool [n, Hp, Wp]}``."""
         h_pad, w_pad = padded_size
@@ -199,9 +183,11 @@ class MaskFormer(nn.Module):
             :func:`postprocess_batch`).
         """
         images = self.preprocess_images(batched_inputs)
-        with _no_grad_if_frozen(self.backbone) if self.training else nullcontext():
+        # a frozen backbone (prompt tuning) keeps no autograd graph
+        frozen = self.training and not any(p.requires_grad for p in self.backbone.parameters())
+        with torch.no_grad() if frozen else nullcontext():
             features = self.backbone(images.tensor)
-        outputs = self.head_outputs(features)
+        outputs = self.sem_seg_head(features)
         padded_size = tuple(images.tensor.shape[-2:])
         if self.training:
             if "instances" not in batched_inputs[0]:

@@ -100,3 +100,28 @@ def test_validated_in_checkpoints(models):
     # a checkpoint that already holds step 2's entry is not step 1's
     with pytest.raises(CheckpointMismatchError, match="already holds step 2"):
         check_checkpoint_for_step(step2.state_dict(), step2, 2, previous_step=True)
+
+
+def test_head_rejects_unsupported_transformer_in_feature():
+    cfg = build_cfg(TINY, ["MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE", "res5"])
+    with pytest.raises(ValueError, match="TRANSFORMER_IN_FEATURE='res5'.*multi_scale_pixel_decoder"):
+        build_model(cfg)
+
+
+def test_head_runs_a_frozen_pixel_decoder_without_autograd():
+    cfg = build_cfg(TINY, ["CONT.TASK", "1"])
+    model = build_model(cfg)
+    head = model.sem_seg_head.train()
+    feats = {k: torch.randn(1, s.channels, 64 // s.stride, 64 // s.stride, requires_grad=True)
+             for k, s in model.backbone.output_shape().items()}
+    for p in head.pixel_decoder.parameters():
+        p.requires_grad_(False)
+    out_frozen = head(feats)
+    for p in head.pixel_decoder.parameters():
+        p.requires_grad_(True)
+    out_trainable = head(feats)
+    # frozen: the mask features carry no graph back to the backbone features
+    out_frozen["pred_masks"].sum().backward()
+    assert all(v.grad is None for v in feats.values())
+    out_trainable["pred_masks"].sum().backward()
+    assert any(v.grad is not None and v.grad.abs().sum() > 0 for v in feats.values())
