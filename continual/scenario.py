@@ -17,7 +17,7 @@ Class ids and contiguous ids
 Dataset dicts carry *contiguous ids*. For ADE20K (and the synthetic set) the two are equal. For
 COCO, Detectron2's contiguous ids are 0-based (person = 0) while the official order "c" is a
 permutation of 1..133. The official code compares them unshifted, so "person" is never trained
-and order entry 133 never occurs (ECLIPSE_SPEC.md 1.10). That is the default here; with
+and order entry 133 never occurs (docs/official_behaviours.md#coco-ids). That is the default here; with
 ``CONT.COCO_CORRECT_IDS True`` the contiguous ids of a 0-based dataset are shifted by +1 so that
 order entry ``k`` means COCO category ``k`` (class id = contiguous id + :attr:`id_offset`).
 

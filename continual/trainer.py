@@ -137,7 +137,7 @@ class IncrementalTrainer(DefaultTrainer):
     # ------------------------------------------------------------------ builders
     @classmethod
     def build_model(cls, cfg) -> nn.Module:
-        """The model of step ``CONT.TASK`` with the step's trainable set (spec 1.8)."""
+        """The model of step ``CONT.TASK`` with the step's trainable set (docs/design.md#per-step-modules)."""
         from detectron2.modeling import build_model
 
         model = build_model(cfg)

@@ -116,3 +116,13 @@ def test_non_finite_loss_stops_with_iteration_and_terms_and_keeps_the_checkpoint
     assert not (step_dir / "model_final.pth").exists()
     saved = torch.load(step_dir / "model_0000001.pth", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+
+
+def test_broken_official_class_loss_combination_is_refused():
+    from mask2former.maskformer_model import build_criterion
+
+    cfg = build_cfg(SYNTHETIC, ["MODEL.MASK_FORMER.FOCAL", "False", "CONT.SOFTCLS", "False"])
+    with pytest.raises(NotImplementedError, match="FOCAL=False with CONT.SOFTCLS=False"):
+        build_criterion(cfg, 5)
+    cfg = build_cfg(SYNTHETIC, ["MODEL.MASK_FORMER.FOCAL", "True", "CONT.SOFTCLS", "False"])
+    assert build_criterion(cfg, 5).class_loss == "focal"

@@ -1,5 +1,5 @@
 """Tests of the ECLIPSE transformer decoder, its class head, the logit manipulation and the
-step initialisation / freezing rules (ECLIPSE_SPEC.md sections 1.2-1.5, 1.7, 1.8).
+step initialisation / freezing rules (docs/design.md#method and #per-step-modules).
 
 Most tests build a small decoder directly from its constructor; the freezing tests and the
 end-to-end training checks build the tiny model of ``tests/fixtures/ade_ps_t3_deltas_pos``
@@ -129,7 +129,7 @@ def train_inputs(num_classes, size=32, seed=0):
 
 
 def reference_manipulation(logits, query_sizes, class_sizes, deltas, no_obj=None):
-    """Per-query restatement of ECLIPSE_SPEC 1.5 (written independently of the module)."""
+    """Per-query restatement of the logit manipulation (docs/design.md#method) (written independently of the module)."""
     out = logits.clone()
     n_cls = sum(class_sizes)
     q_bounds = [sum(query_sizes[:g]) for g in range(len(query_sizes) + 1)]
@@ -776,7 +776,7 @@ PRED = "sem_seg_head.predictor."
 
 
 def _script_trainable(names, step=3, mask_mlp=True, no_obj=False):
-    """ECLIPSE_SPEC 1.8: cls[0] + cls[t+1] + prompt_feat[t-1] + prompt_embed[t-1] + prompt_mask_embed[t-1]."""
+    """The freezing rule (docs/design.md#per-step-modules): cls[0] + cls[t+1] + prompt_feat[t-1] + prompt_embed[t-1] + prompt_mask_embed[t-1]."""
     k = step - 1
     prefixes = [f"{PRED}class_embed.cls.{step + 1}.", f"{PRED}prompt_feat.{k}.", f"{PRED}prompt_embed.{k}."]
     prefixes.append(f"{PRED}class_embed.cls.0." if not no_obj else f"{PRED}prompt_no_obj_embed.{k}.")
@@ -809,7 +809,7 @@ def test_freeze_script_flags(script_model):
     trainable = _trainable_after(model, cfg)
     expected = _script_trainable(names)
     assert trainable == expected
-    # the hand-written list of ECLIPSE_SPEC 1.8 for step 3 (3 decoder layers)
+    # the hand-written list of the freezing rule for step 3 (3 decoder layers)
     listed = {f"{PRED}prompt_feat.2.weight"} | {f"{PRED}prompt_embed.2.{l}.weight" for l in range(3)}
     listed |= {f"{PRED}{h}.layers.{i}.{w}" for h in ("class_embed.cls.0", "class_embed.cls.4",
                                                      "prompt_mask_embed.2")

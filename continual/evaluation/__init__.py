@@ -1,5 +1,5 @@
 """Continual evaluation: PQ (panopticapi) and mIoU split into base / old / new / novel, and the
-result files (ECLIPSE_SPEC.md section 6)."""
+result files (docs/design.md#evaluation)."""
 from .panoptic import ContinualPanopticEvaluator, per_class_in_order, split_bounds, split_metrics
 from .results import (
     append_official_csv,

@@ -3,7 +3,8 @@
 The decoder predicts, per image, ``Q`` queries, each with class logits over ``C + 1`` columns
 (column ``C`` is "no object") and a mask logit map. This module turns them into Detectron2's
 three output formats (semantic, panoptic, instance), reproducing the official ECLIPSE
-implementation, including its quirks (ECLIPSE_SPEC.md 1.6 / 1.10, fixtures/README.md 4.3 / 4.6):
+implementation, including its quirks (docs/official_behaviours.md#post-processing and
+#instance-thing-filter; tests/fixtures/README.md 4.3 / 4.6):
 
 * ``use_sigmoid=True`` (``CONT.SOFTCLS False``, all ECLIPSE scripts): a query's score and label
   are the max of ``sigmoid`` over **all** ``C + 1`` columns, so a query whose best column is
