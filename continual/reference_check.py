@@ -29,7 +29,7 @@ from mask2former.modeling.criterion import weight_losses
 from .config import setup_cfg
 from .prompt_tuning import initialize_new_step
 
-__all__ = ["CheckResult", "run_checks", "load_fixture_config", "build_fixture_model", "format_table"]
+__all__ = ["CheckResult", "run_checks", "load_fixture_config", "format_table"]
 
 
 @dataclasses.dataclass
@@ -44,19 +44,6 @@ class CheckResult:
 def load_fixture_config(fixture_dir: str):
     """The fixture's resolved config, on CPU and without a weights file."""
     return setup_cfg(os.path.join(fixture_dir, "config.yaml"), ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""], freeze=True)
-
-
-def build_fixture_model(fixture_dir: str):
-    """(cfg, model) with the fixture's head weights loaded strictly; the backbone keeps its
-    random initialisation (fixtures are head-only)."""
-    cfg = load_fixture_config(fixture_dir)
-    model = build_model(cfg)
-    state = _load(fixture_dir, "model_head.pth")["model"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    bad_missing = [k for k in missing if not k.startswith("backbone.")]
-    if bad_missing or unexpected:
-        raise RuntimeError(f"head weights do not fit: missing {bad_missing}, unexpected {unexpected}")
-    return cfg, model
 
 
 def _load(fixture_dir: str, name: str):
