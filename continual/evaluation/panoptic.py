@@ -33,6 +33,11 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation.evaluator import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
+from panopticapi.evaluation import pq_compute
+from panopticapi.utils import id2rgb
+from tabulate import tabulate
+
+from ..scenario import Scenario
 
 __all__ = [
     "ContinualPanopticEvaluator",
@@ -213,8 +218,6 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
         """Build from ``cfg.CONT`` (ORDER, BASE_CLS, INC_CLS, TASK). The order is expressed in the
         dataset's contiguous ids (they differ from the class ids only for COCO with
         ``CONT.COCO_CORRECT_IDS``)."""
-        from ..scenario import Scenario
-
         scenario = Scenario.from_config(cfg, dataset_name)
         return cls(
             dataset_name,
@@ -267,8 +270,6 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
 
     # -- DatasetEvaluator -----------------------------------------------------------------------
     def process(self, inputs, outputs):
-        from panopticapi.utils import id2rgb
-
         for inp, out in zip(inputs, outputs):
             panoptic_img, segments_info = out["panoptic_seg"]
             if hasattr(panoptic_img, "cpu"):
@@ -299,8 +300,6 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
         predictions = list(itertools.chain(*comm.gather(self._predictions, dst=0)))
         if not comm.is_main_process():
             return None
-
-        from panopticapi.evaluation import pq_compute
 
         gt_json = PathManager.get_local_path(self._metadata.panoptic_json)
         gt_folder = PathManager.get_local_path(self._metadata.panoptic_root)
@@ -367,8 +366,6 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
 
 
 def _log_table(pq_res):
-    from tabulate import tabulate
-
     rows = [
         [name] + [100 * pq_res[name][k] for k in ("pq", "sq", "rq")] + [pq_res[name]["n"]]
         for name in ("All", "Things", "Stuff")

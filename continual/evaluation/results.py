@@ -114,7 +114,7 @@ def _plain(value):
 @contextmanager
 def _locked(path: str):
     try:
-        import fcntl
+        import fcntl  # POSIX only, hence imported where it is used
     except ImportError:  # not POSIX: no lock
         yield
         return

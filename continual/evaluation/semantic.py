@@ -12,6 +12,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation.evaluator import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
@@ -153,8 +154,6 @@ class ContinualSemSegEvaluator(DatasetEvaluator):
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None, **kwargs):
         """Build from ``cfg.CONT`` (BASE_CLS, INC_CLS, TASK); the ignore label comes from the
         dataset metadata when it has one."""
-        from detectron2.data import MetadataCatalog
-
         c = cfg.CONT
         ignore = getattr(MetadataCatalog.get(dataset_name), "ignore_label", 255)
         kwargs.setdefault("ignore_label", ignore)

@@ -21,6 +21,8 @@ the whole method end to end. Category ids are 1..10 (0 is void), stuff first:
 from typing import Dict, List, Tuple
 
 import numpy as np
+import torch
+from detectron2.structures import Instances
 
 __all__ = ["SYNTHETIC_CATEGORIES", "render_sample", "sample_to_model_input"]
 
@@ -130,9 +132,6 @@ def sample_to_model_input(image: np.ndarray, seg: np.ndarray, segments: List[Dic
             the continual protocol); ``None`` keeps all. With the identity class order the
             category id is the order position the model expects.
     """
-    import torch
-    from detectron2.structures import Instances
-
     keep = [s for s in segments if classes is None or s["category_id"] in classes]
     h, w = seg.shape
     inst = Instances((h, w))
