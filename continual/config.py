@@ -45,31 +45,16 @@ def add_continual_config(cfg: CN) -> None:
     c.WA_STEP = 0
 
     # CoMFormer / MiB / PLOP distillation options; accepted but unused by ECLIPSE
-    d = c.DIST = CN()
-    d.POD_WEIGHT = 0.0
-    d.KD_WEIGHT = 0.0
-    d.ALPHA = 1.0
-    d.UCE = False
-    d.UKD = False
-    d.L2 = False
-    d.KD_REW = False
-    d.KD_DEEP = False
-    d.USE_NEW = False
-    d.CE_NEW = False
-    d.EOS_POW = 0.0
-    d.PSEUDO = False
-    d.PSEUDO_TYPE = 0
-    d.IOU_THRESHOLD = 0.5
-    d.PSEUDO_THRESHOLD = 0.0
-    d.MASK_KD = 0.0
+    c.DIST = CN({
+        "POD_WEIGHT": 0.0, "KD_WEIGHT": 0.0, "ALPHA": 1.0, "UCE": False, "UKD": False, "L2": False,
+        "KD_REW": False, "KD_DEEP": False, "USE_NEW": False, "CE_NEW": False, "EOS_POW": 0.0,
+        "PSEUDO": False, "PSEUDO_TYPE": 0, "IOU_THRESHOLD": 0.5, "PSEUDO_THRESHOLD": 0.0, "MASK_KD": 0.0,
+    })
 
-    # ECLIPSE freezing rules of steps > 0
-    c.BACKBONE_FREEZE = False  # also the master switch of the step>0 freezing
-    c.CLS_HEAD_FREEZE = False
-    c.MASK_HEAD_FREEZE = False
-    c.PIXEL_DECODER_FREEZE = False
-    c.QUERY_EMBED_FREEZE = False
-    c.TRANS_DECODER_FREEZE = False
+    # ECLIPSE freezing rules of steps > 0; BACKBONE_FREEZE is also the master switch
+    for key in ("BACKBONE_FREEZE", "CLS_HEAD_FREEZE", "MASK_HEAD_FREEZE", "PIXEL_DECODER_FREEZE",
+                "QUERY_EMBED_FREEZE", "TRANS_DECODER_FREEZE"):
+        c[key] = False
     # not in the official code: shift the 0-based contiguous ids of COCO by +1 so that they match
     # the 1-based CONT.ORDER (the official runs never train "person";
     # docs/official_behaviours.md#coco-ids)
