@@ -45,6 +45,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from torch import nn  # noqa: E402
+
+import mask2former  # noqa: E402,F401  (registers the model)
+from continual.config import setup_cfg  # noqa: E402
+
 TINY_CONFIG = REPO / "tests" / "fixtures" / "ade_ps_t3_deltas_pos" / "config.yaml"
 REAL_CONFIG = REPO / "configs" / "ade20k" / "panoptic-segmentation" / "maskformer2_R50_bs16_160k.yaml"
 # the network-size overrides of the real model, used when REAL_CONFIG does not exist
@@ -74,42 +81,33 @@ SINGLE = "single group (both variants identical)"
 # --------------------------------------------------------------------------------------------
 # the official per-group self-attention loop
 # --------------------------------------------------------------------------------------------
-def _per_group_self_attention_class():
-    from torch import nn
+class PerGroupSelfAttention(nn.Module):
+    """Official per-group loop (reference): the shared self-attention layer applied to each
+    query group's slice separately, as the official ``forward_infer`` does, instead of one
+    call with a block-diagonal mask."""
 
-    class PerGroupSelfAttention(nn.Module):
-        """Official per-group loop (reference): the shared self-attention layer applied to each
-        query group's slice separately, as the official ``forward_infer`` does, instead of one
-        call with a block-diagonal mask."""
+    def __init__(self, layer: nn.Module, sizes):
+        super().__init__()
+        self.layer = layer
+        self.sizes = list(sizes)
 
-        def __init__(self, layer: nn.Module, sizes):
-            super().__init__()
-            self.layer = layer
-            self.sizes = list(sizes)
-
-        def forward(self, tgt, tgt_mask=None, tgt_key_padding_mask=None, query_pos=None):
-            if tgt_mask is None or len(self.sizes) <= 1:
-                return self.layer(tgt, tgt_mask=tgt_mask, tgt_key_padding_mask=tgt_key_padding_mask,
-                                  query_pos=query_pos)
-            if tgt.shape[0] != sum(self.sizes):
-                raise ValueError(f"{tgt.shape[0]} queries do not match the groups {self.sizes}")
-            import torch
-
-            outputs, start = [], 0
-            for n in self.sizes:
-                outputs.append(self.layer(tgt[start:start + n], tgt_mask=None, query_pos=query_pos[start:start + n]))
-                start += n
-            return torch.cat(outputs)
-
-    return PerGroupSelfAttention
+    def forward(self, tgt, tgt_mask=None, tgt_key_padding_mask=None, query_pos=None):
+        if tgt_mask is None or len(self.sizes) <= 1:
+            return self.layer(tgt, tgt_mask=tgt_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+                              query_pos=query_pos)
+        if tgt.shape[0] != sum(self.sizes):
+            raise ValueError(f"{tgt.shape[0]} queries do not match the groups {self.sizes}")
+        outputs, start = [], 0
+        for n in self.sizes:
+            outputs.append(self.layer(tgt[start:start + n], tgt_mask=None, query_pos=query_pos[start:start + n]))
+            start += n
+        return torch.cat(outputs)
 
 
 @contextlib.contextmanager
 def official_per_group_loop(decoder):
     """Within the block, ``decoder`` runs the official per-group self-attention loop (reference)."""
-    from torch import nn
-
-    wrapper = _per_group_self_attention_class()
+    wrapper = PerGroupSelfAttention
     original = decoder.transformer_self_attention_layers
     decoder.transformer_self_attention_layers = nn.ModuleList(
         wrapper(layer, decoder.query_group_sizes) for layer in original
@@ -124,8 +122,6 @@ def official_per_group_loop(decoder):
 # one measurement (runs in a worker process)
 # --------------------------------------------------------------------------------------------
 def build_cfg(size: str, step: int):
-    from continual.config import setup_cfg
-
     opts, config_file = [], TINY_CONFIG
     if size != "tiny":
         if REAL_CONFIG.is_file():
@@ -155,11 +151,6 @@ def _timed(fn, warmup: int, runs: int):
 
 def measure(spec: dict) -> dict:
     """Time the decoder and the whole model for one (size, step, variant)."""
-    import torch
-    from detectron2.modeling import build_model
-
-    import mask2former  # noqa: F401  (registers the model)
-
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     cfg = build_cfg(spec["size"], spec["step"])
@@ -210,8 +201,6 @@ def measure(spec: dict) -> dict:
 # driver
 # --------------------------------------------------------------------------------------------
 def machine_description(threads: int) -> str:
-    import torch
-
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -31,6 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_inference import REPO, _timed, build_cfg, machine_description  # noqa: E402
+import torch  # noqa: E402
+from detectron2.structures import Instances  # noqa: E402
+
+from continual.trainer import IncrementalTrainer  # noqa: E402
 
 TRAIN_KEYS = [
     "CONT.BACKBONE_FREEZE", "True", "CONT.CLS_HEAD_FREEZE", "True", "CONT.MASK_HEAD_FREEZE", "True",
@@ -41,12 +45,6 @@ TRAIN_KEYS = [
 
 def measure(spec: dict) -> dict:
     """One training configuration: returns times (ms), trainable parameters and peak RSS."""
-    import torch
-    from detectron2.structures import Instances
-
-    import mask2former  # noqa: F401
-    from continual.trainer import IncrementalTrainer
-
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     cfg = build_cfg(spec["size"], spec["step"])
