@@ -5,7 +5,8 @@ keys that shape the network), the backbone, pixel decoder, ``MaskFormerHead``, t
 decoder and the list of each step's modules (``step_modules``), criterion, matcher,
 post-processing, dataset registration and mappers.
 
-May import: torch, detectron2, fvcore and its own modules. Never ``continual`` (the protocol
+May import: torch, detectron2, fvcore, numpy / scipy / PIL / cv2 / panopticapi and its own
+modules. Never ``continual`` (the protocol
 builds on the network, not the reverse). See docs/design.md#code-layout.
 
 Importing this package registers the meta-architecture, head, pixel decoder, transformer

@@ -83,7 +83,6 @@ class MaskFormer(nn.Module):
         backbone: Backbone,
         sem_seg_head: nn.Module,
         criterion: SetCriterion,
-        num_queries: int,
         size_divisibility: int,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
@@ -95,7 +94,6 @@ class MaskFormer(nn.Module):
             backbone: a Detectron2 backbone.
             sem_seg_head: :class:`MaskFormerHead`.
             criterion: the training criterion (its ``weight_dict`` weights the losses).
-            num_queries: number of base queries.
             size_divisibility: pad the batch to a multiple of this (<0: the backbone's).
             pixel_mean, pixel_std: per-channel normalisation of the input images.
             postprocess: inference settings, see :class:`PostProcessSettings`.
@@ -105,7 +103,6 @@ class MaskFormer(nn.Module):
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion
-        self.num_queries = num_queries
         if size_divisibility < 0:
             size_divisibility = self.backbone.size_divisibility
         self.size_divisibility = size_divisibility
@@ -128,7 +125,6 @@ class MaskFormer(nn.Module):
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
             "criterion": build_criterion(cfg, num_classes),
-            "num_queries": mf.NUM_OBJECT_QUERIES,
             "size_divisibility": mf.SIZE_DIVISIBILITY,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
