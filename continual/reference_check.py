@@ -17,7 +17,7 @@ weights and compares, with the tolerances of the fixture README (section 6):
 import dataclasses
 import json
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch

@@ -1,7 +1,7 @@
 """The ``MaskFormer`` meta-architecture: normalise and pad images, run backbone and head,
 compute the set-prediction losses in training and post-process in inference."""
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable

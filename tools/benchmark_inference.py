@@ -228,10 +228,10 @@ def cases(sizes):
                 yield size, step, LOOP
 
 
-def run_case(spec: dict, in_process: bool) -> dict:
-    if in_process:
-        return measure(spec)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+def run_worker(script: str, spec: dict) -> dict:
+    """Run ``script --worker SPEC`` in a fresh process with ``spec["threads"]`` threads; its JSON
+    result (the last line starting with ``{``)."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
     if proc.returncode != 0:
@@ -242,6 +242,34 @@ def run_case(spec: dict, in_process: bool) -> dict:
     raise RuntimeError(f"no result from worker for {spec}:\n{proc.stdout[-2000:]}")
 
 
+def run_case(spec: dict, in_process: bool) -> dict:
+    return measure(spec) if in_process else run_worker(__file__, spec)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, runs: int, warmup: int) -> None:
+    """Options shared by the benchmarks: threads, runs, warm-up, sizes, image size, quick,
+    output, and the hidden ``--worker`` of the per-case subprocess."""
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--runs", type=int, default=runs, help=f"timed runs per measurement (default {runs})")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed warm-up runs (default {warmup})")
+    parser.add_argument("--sizes", default="tiny,real", help="comma-separated subset of tiny,real")
+    parser.add_argument("--quick", action="store_true", help="1 warm-up run and 2 timed runs")
+    parser.add_argument("--image-size", type=int, default=512, help="square image side (default 512)")
+    parser.add_argument("--output", help="also write the Markdown report to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def answer_worker_or_prepare(args, measure_fn) -> bool:
+    """With ``--worker``: measure its case, print the JSON and return True (the process is a
+    worker). Otherwise apply ``--quick`` and return False."""
+    if args.worker:
+        print(json.dumps(measure_fn(json.loads(args.worker))))
+        return True
+    if args.quick:
+        args.warmup, args.runs = 1, 2
+    return False
+
+
 def _fmt(times):
     return f"{statistics.median(times):.1f} / {min(times):.1f}"
 
@@ -249,24 +277,12 @@ def _fmt(times):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--runs", type=int, default=10, help="timed runs per measurement (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
-    parser.add_argument("--sizes", default="tiny,real", help="comma-separated subset of tiny,real")
-    parser.add_argument("--quick", action="store_true", help="1 warm-up run and 2 timed runs")
-    parser.add_argument("--image-size", type=int, default=512, help="square image side (default 512)")
-    parser.add_argument("--output", help="also write the Markdown report to this file")
+    add_common_arguments(parser, runs=10, warmup=2)
     parser.add_argument("--in-process", action="store_true",
                         help="run every case in this process (no per-case peak RSS)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+    if answer_worker_or_prepare(args, measure):
         return 0
-
-    if args.quick:
-        args.warmup, args.runs = 1, 2
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = set(sizes) - set(PROMPTS)
     if unknown or not sizes:

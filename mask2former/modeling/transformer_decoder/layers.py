@@ -5,7 +5,6 @@ and post-norm by default (LayerNorm after each residual addition), with an optio
 """
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
