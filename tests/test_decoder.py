@@ -15,19 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 from torch import nn
 
 import mask2former  # noqa: F401  (registers the meta-architecture, head and decoders)
-from continual.config import add_continual_config
+from continual.config import setup_cfg
 from continual.prompt_tuning import (
     freeze_for_prompt_tuning,
     initialize_new_step,
     trainable_parameter_names,
 )
-from mask2former.config import add_maskformer2_config
 from mask2former.modeling.transformer_decoder.classifier import IncrementalClassifier
 from mask2former.modeling.transformer_decoder.logit_manipulation import (
     DEACTIVATED_LOGIT,
@@ -101,12 +99,7 @@ def as_model(decoder):
 
 
 def tiny_cfg(*opts):
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    cfg.merge_from_file(str(TINY_CONFIG))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
-    return cfg
+    return setup_cfg(TINY_CONFIG, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 def tiny_model(*opts, seed=0):
