@@ -1,5 +1,5 @@
 """Continual evaluation: PQ against panopticapi, order mapping, split arithmetic, semantic
-confusion-matrix metrics and the result files (ECLIPSE_SPEC.md section 6)."""
+confusion-matrix metrics and the result files (docs/design.md#evaluation)."""
 import contextlib
 import io
 import json

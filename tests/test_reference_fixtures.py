@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REFERENCE_FIXTURES, REPO
-from mask2former.utils.reference_check import format_table, run_checks
+from continual.reference_check import format_table, load_fixture_config, run_checks
 
 
 def test_fixtures_are_present():
@@ -63,8 +63,6 @@ def _no_obj_mlp_variant(src, dst, newest_grad):
     trainable instead of ``cls.0``, and its recorded gradient is ``newest_grad`` ("zeros" or None).
     The recorded outputs stay valid: the fixture's deltas are all positive, so at inference the
     heads' no-object logits are overwritten, and in training they write into empty row ranges."""
-    from mask2former.utils.reference_check import load_fixture_config
-
     shutil.copytree(src, dst)
     cfg_text = (dst / "config.yaml").read_text()
     assert "PROMPT_NO_OBJ_MLP: false" in cfg_text

@@ -26,9 +26,17 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+from fvcore.nn import FlopCountAnalysis
+from fvcore.nn.jit_handles import get_shape
+from torch import nn
+
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from continual.config import setup_cfg  # noqa: E402
+from continual.trainer import IncrementalTrainer  # noqa: E402
 
 PARTS = (("backbone", "backbone."), ("pixel decoder", "sem_seg_head.pixel_decoder."),
          ("transformer decoder", "sem_seg_head.predictor."))
@@ -36,16 +44,7 @@ PARTS = (("backbone", "backbone."), ("pixel decoder", "sem_seg_head.pixel_decode
 
 def build_config(config_file, opts):
     """The config as train_continual.py builds it (file, then command-line ``KEY VALUE`` pairs)."""
-    from detectron2.config import get_cfg
-
-    from continual.config import add_continual_config, merge_config
-    from mask2former.config import add_maskformer2_config
-
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    merge_config(cfg, config_file, opts)
-    return cfg
+    return setup_cfg(config_file, opts)
 
 
 def count_parameters(model):
@@ -60,29 +59,21 @@ def count_parameters(model):
     return result
 
 
-class _Network:
-    """Factory for a module mapping a normalised image batch to (class logits, mask logits)."""
+class _Network(nn.Module):
+    """The network without pre/post-processing: a normalised image batch to (class logits, mask
+    logits)."""
 
-    @staticmethod
-    def wrap(model):
-        from torch import nn
+    def __init__(self, model):
+        super().__init__()
+        self.backbone, self.sem_seg_head = model.backbone, model.sem_seg_head
 
-        class Network(nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.backbone, self.sem_seg_head = m.backbone, m.sem_seg_head
-
-            def forward(self, images):
-                out = self.sem_seg_head(self.backbone(images))
-                return out["pred_logits"], out["pred_masks"]
-
-        return Network(model)
+    def forward(self, images):
+        out = self.sem_seg_head(self.backbone(images))
+        return out["pred_logits"], out["pred_masks"]
 
 
 def _sdpa_flops(inputs, outputs):
     """fvcore handle for scaled_dot_product_attention: q @ k^T and weights @ v (multiply-adds)."""
-    from fvcore.nn.jit_handles import get_shape
-
     q, k, v = (get_shape(x) for x in inputs[:3])
     batch = 1
     for n in q[:-2]:
@@ -92,14 +83,11 @@ def _sdpa_flops(inputs, outputs):
 
 def count_flops(model, cfg, image_size):
     """FLOPs of one image through the network; returns (flops, {unsupported op: count})."""
-    import torch
-    from fvcore.nn import FlopCountAnalysis
-
     height, width = image_size
     div = max(int(cfg.INPUT.SIZE_DIVISIBILITY), 1)
     height, width = -(-height // div) * div, -(-width // div) * div
     images = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-    network = _Network.wrap(model).eval()
+    network = _Network(model).eval()
     analysis = FlopCountAnalysis(network, (images,)).set_op_handle(
         "aten::scaled_dot_product_attention", _sdpa_flops
     )
@@ -113,10 +101,6 @@ def count_flops(model, cfg, image_size):
 
 def analyze(cfg, tasks, image_size=None, flops=True):
     """One row per step: parameters and (optionally) FLOPs."""
-    import torch
-
-    from continual.trainer import IncrementalTrainer
-
     logging.getLogger("continual").setLevel(logging.WARNING)
     rows = []
     for task in tasks:

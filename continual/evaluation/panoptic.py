@@ -4,10 +4,10 @@ The model labels segments with **order positions** (1-based indices into ``CONT.
 scoring, each position ``p`` becomes the dataset's contiguous class id ``ORDER[p-1]`` and then the
 dataset category id of the metadata. PQ is computed by panopticapi against the dataset's original
 panoptic json, which lists every class, so classes not seen yet count as false negatives
-(ECLIPSE_SPEC.md 6.1 and 1.10 item 12).
+(docs/official_behaviours.md#panoptic-all-against-the-full-json).
 
-Base / novel split, as released (ECLIPSE_SPEC.md 1.10 item 11)
----------------------------------------------------------------
+Base / novel split, as released (docs/official_behaviours.md#base-novel-split)
+---------------------------------------------------------------------------
 The official evaluator takes the per-class PQ list in the category order of the GT json (for ADE:
 void, 1, ..., 150) and slices it **by position in that list**: base = entries ``1 .. C0``,
 novel = everything after. That is right only when ``CONT.ORDER`` is the identity (every ADE
@@ -33,6 +33,11 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation.evaluator import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
+from panopticapi.evaluation import pq_compute
+from panopticapi.utils import id2rgb
+from tabulate import tabulate
+
+from ..scenario import Scenario
 
 from ..io import atomic_write
 
@@ -49,7 +54,7 @@ SPLITS = ("base", "old", "new", "novel")
 
 
 def split_bounds(base: int, inc: int, step: int, offset: int = 1) -> Dict[str, int]:
-    """List indices of the official split (ECLIPSE_SPEC.md 6.1), for a per-class list whose first
+    """List indices of the official split (docs/official_behaviours.md#base-novel-split), for a per-class list whose first
     ``offset`` entries precede the first class.
 
     Returns ``base_end`` (= ``offset + base``), ``old_end`` (``base_end + (step-1)·inc`` at
@@ -221,8 +226,6 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
         """Build from ``cfg.CONT`` (ORDER, BASE_CLS, INC_CLS, TASK). The order is expressed in the
         dataset's contiguous ids (they differ from the class ids only for COCO with
         ``CONT.COCO_CORRECT_IDS``)."""
-        from ..scenario import Scenario
-
         scenario = Scenario.from_config(cfg, dataset_name)
         return cls(
             dataset_name,
@@ -247,7 +250,7 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
         isthing = contiguous in self._thing_contiguous
         table = self._thing_to_dataset if isthing else self._stuff_to_dataset
         if contiguous not in table:
-            # the official code fails here too (COCO order entry 133, ECLIPSE_SPEC.md 1.10 item 10)
+            # the official code fails here too (COCO order entry 133, docs/official_behaviours.md#coco-ids)
             raise KeyError(
                 f"order position {position} is class {contiguous}, which has no "
                 f"{'thing' if isthing else 'stuff'} category in the metadata of {self._dataset_name}"
@@ -275,8 +278,6 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
 
     # -- DatasetEvaluator -----------------------------------------------------------------------
     def process(self, inputs, outputs):
-        from panopticapi.utils import id2rgb
-
         for inp, out in zip(inputs, outputs):
             panoptic_img, segments_info = out["panoptic_seg"]
             if hasattr(panoptic_img, "cpu"):
@@ -414,8 +415,6 @@ def pq_compute_with_counts(gt_json_file: str, pred_json_file: str, gt_folder: st
 
 
 def _log_table(pq_res):
-    from tabulate import tabulate
-
     rows = [
         [name] + [100 * pq_res[name][k] for k in ("pq", "sq", "rq")] + [pq_res[name]["n"]]
         for name in ("All", "Things", "Stuff")

@@ -1,4 +1,4 @@
-"""Result files: the official CSV rows (ECLIPSE_SPEC.md 6.3) and a JSON of every metric per step.
+"""Result files: the official CSV rows (docs/official_behaviours.md#result-files) and a JSON of every metric per step.
 
 The official ``IncrementalTrainer.write_results`` appends one row per evaluation to
 ``results/{TASK_NAME}.csv`` (and ``results/{TASK_NAME}_acc.csv`` for semantic runs). Its evaluators
@@ -119,7 +119,7 @@ def _plain(value):
 @contextmanager
 def _locked(path: str):
     try:
-        import fcntl
+        import fcntl  # POSIX only, hence imported where it is used
     except ImportError:  # not POSIX: no lock
         yield
         return

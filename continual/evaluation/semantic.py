@@ -1,4 +1,4 @@
-"""mIoU for continual semantic segmentation, split into base / old / new / novel (ECLIPSE_SPEC.md 6.2).
+"""mIoU for continual semantic segmentation, split into base / old / new / novel (docs/official_behaviours.md#semantic-miou).
 
 Classes are **order positions**: index 0 is the background (ADE "other" and every class not seen
 yet, as remapped by the continual data wrapper), 1..C the classes seen so far. The semantic splits
@@ -14,6 +14,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation.evaluator import DatasetEvaluator
 from detectron2.utils import comm
 
@@ -101,7 +102,7 @@ def semantic_metrics(conf: np.ndarray, base: int, inc: int, step: int) -> Dict[s
 
 
 class ContinualSemSegEvaluator(DatasetEvaluator):
-    """Confusion-matrix semantic metrics of a continual model (ECLIPSE_SPEC.md 6.2).
+    """Confusion-matrix semantic metrics of a continual model (docs/official_behaviours.md#semantic-miou).
 
     Prediction = argmax over the ``C+1`` channels of ``output["sem_seg"]``; GT =
     ``input["sem_seg"]`` (order positions, 0 background, ``ignore_label`` ignored) at the same,
@@ -164,8 +165,6 @@ class ContinualSemSegEvaluator(DatasetEvaluator):
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None, **kwargs):
         """Build from ``cfg.CONT`` (BASE_CLS, INC_CLS, TASK); the ignore label comes from the
         dataset metadata when it has one."""
-        from detectron2.data import MetadataCatalog
-
         c = cfg.CONT
         meta = MetadataCatalog.get(dataset_name)
         kwargs.setdefault("ignore_label", getattr(meta, "ignore_label", 255))

@@ -77,6 +77,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     _version = 2
 
+    # The per-step banks: ModuleLists with one entry per incremental step (index k belongs to
+    # step k + 1). With the class head of each step they are the modules `step_modules` lists,
+    # which initialisation, freezing and checkpoint validation all read; a new per-step module
+    # is a new bank named here (and, if it needs one, a rule in `initialize_step_module`).
+    STEP_BANKS: Tuple[str, ...] = ("prompt_feat", "prompt_embed", "prompt_mask_embed", "prompt_no_obj_embed")
+
     @configurable
     def __init__(
         self,
@@ -230,6 +236,50 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     def query_group_sizes(self) -> List[int]:
         """Number of queries of each group at inference: ``[Q0, P, ..., P]``."""
         return [self.num_queries] + [self.num_prompts] * len(self.prompt_feat)
+
+    def step_modules(self, step: int) -> Dict[str, nn.Module]:
+        """The modules that belong to ``step`` (>= 1) alone, by name relative to this decoder:
+        the entry ``step - 1`` of every non-empty bank of ``STEP_BANKS``, then the class head
+        ``class_embed.cls.{step + 1}``. Empty when ``step`` is 0 or beyond the decoder's step."""
+        if not 1 <= step <= self.num_steps:
+            return {}
+        modules = {}
+        for bank in self.STEP_BANKS:
+            entries = getattr(self, bank)
+            if len(entries) >= step:
+                modules[f"{bank}.{step - 1}"] = entries[step - 1]
+        modules[f"class_embed.cls.{step + 1}"] = self.class_embed.cls[step + 1]
+        return modules
+
+    @torch.no_grad()
+    def initialize_step_module(self, name: str, module: nn.Module) -> bool:
+        """Initialise one module of :meth:`step_modules` from the base model, in place; returns
+        whether anything was written (see ``continual.prompt_tuning.initialize_new_step``).
+
+        * ``prompt_feat``: every row = mean of ``query_feat``'s rows;
+        * ``prompt_embed`` (each per-layer table when deep): every row = mean of ``query_embed``;
+        * ``prompt_mask_embed``: a copy of ``mask_embed``;
+        * ``class_embed.cls``: the no-object head ``cls[0]``, its single output row repeated for
+          every new class, so every new-class logit starts equal to the no-object logit;
+        * ``prompt_no_obj_embed``: kept as constructed (docs/official_behaviours.md#step-initialisation).
+        """
+        bank = name.rsplit(".", 1)[0]
+        if bank == "prompt_feat":
+            module.weight.copy_(self.query_feat.weight.mean(0).expand_as(module.weight))
+        elif bank == "prompt_embed":
+            mean_pos = self.query_embed.weight.mean(0)
+            for table in (module if self.prompt_deep else [module]):
+                table.weight.copy_(mean_pos.expand_as(table.weight))
+        elif bank == "prompt_mask_embed":
+            module.load_state_dict(self.mask_embed.state_dict())
+        elif bank == "class_embed.cls":
+            dst = module.state_dict()
+            for key, src in self.class_embed.cls[0].state_dict().items():
+                # same-shaped tensors (hidden layers) are copied; the output row is repeated
+                dst[key].copy_(src if src.shape == dst[key].shape else src.expand_as(dst[key]))
+        else:
+            return False
+        return True
 
     def _prompt_pos(self, k: int, layer: int) -> Tensor:
         bank = self.prompt_embed[k]
