@@ -1,9 +1,16 @@
 # Shared driver of the scenario scripts (sourced by script/<benchmark>/<scenario>.sh).
 #
-# A scenario script sets the official hyper-parameters (CONFIG, BASE, INC, STEPS, QUERIES, STEP0_*,
-# PROMPTS, ITERS, LR, EVAL_PERIOD, TRAIN_DELTAS, EVAL_DELTAS, STEP0_CKPT, FINAL_CKPT) and calls
-# run_scenario. Users steer a run with environment variables:
+# A scenario script sets its benchmark (BENCHMARK: ade_ps, ade_ss, coco_ps or synthetic) and the
+# official hyper-parameters (BASE, INC, STEPS, QUERIES, STEP0_*, PROMPTS, ITERS, LR, EVAL_PERIOD,
+# TRAIN_DELTAS, EVAL_DELTAS, STEP0_CKPT, FINAL_CKPT) and calls run_scenario. The model and class
+# order come from select_variant below. Users steer a run with environment variables:
 #
+#   BACKBONE             R50 | R101 | swin_t | swin_s | swin_b | swin_b_in21k | swin_l (default: the
+#                        official scripts' backbone: R50, R101 for ADE20K semantic)
+#   ORDER                class order: b..j (ADE20K panoptic), b (ADE20K semantic), c (COCO; the
+#                        default there); default: the official scripts' order
+#   CONFIG               a config file to use instead (then BACKBONE / ORDER must be unset)
+#   NUM_QUERIES          base queries instead of the scenario's QUERIES
 #   DETECTRON2_DATASETS  dataset root (default: datasets); must exist
 #   STEP0_WEIGHTS        step-0 checkpoint to start step 1 from (default: the released file name
 #                        under results/, e.g. results/ade_ps_100_step0.pth)
@@ -19,6 +26,9 @@
 #   RESUME=1             pass --resume (continue interrupted steps)
 #   PRINT_SETTINGS=1     print the scenario's settings (KEY=VALUE lines) and run nothing
 set -euo pipefail
+# the variables that select a variant, captured before a scenario script sets its own values
+USER_CONFIG=${CONFIG:-}
+unset CONFIG
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -34,12 +44,107 @@ count_gpus() {
     echo 1
 }
 
+# ---- variants: the one place where a scenario's model and class order are chosen --------------
+# Config file of a backbone on a benchmark (configs/..., the official file names).
+backbone_config() {
+    case "$1/$2" in
+        ade_ps/R50)  echo ade20k/panoptic-segmentation/maskformer2_R50_bs16_160k.yaml ;;
+        ade_ps/R101) echo ade20k/panoptic-segmentation/maskformer2_R101_bs16_160k.yaml ;;
+        ade_ps/swin_t) echo ade20k/panoptic-segmentation/swin/maskformer2_swin_tiny_bs16_160k.yaml ;;
+        ade_ps/swin_s) echo ade20k/panoptic-segmentation/swin/maskformer2_swin_small_bs16_160k.yaml ;;
+        ade_ps/swin_b) echo ade20k/panoptic-segmentation/swin/maskformer2_swin_base_384_bs16_160k.yaml ;;
+        ade_ps/swin_b_in21k) echo ade20k/panoptic-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_160k.yaml ;;
+        ade_ps/swin_l) echo ade20k/panoptic-segmentation/swin/maskformer2_swin_large_IN21k_384_bs16_160k.yaml ;;
+        ade_ss/R50)  echo ade20k/semantic-segmentation/maskformer2_R50_bs16_160k.yaml ;;
+        ade_ss/R101) echo ade20k/semantic-segmentation/maskformer2_R101_bs16_90k.yaml ;;
+        ade_ss/swin_t) echo ade20k/semantic-segmentation/swin/maskformer2_swin_tiny_bs16_160k.yaml ;;
+        ade_ss/swin_s) echo ade20k/semantic-segmentation/swin/maskformer2_swin_small_bs16_160k.yaml ;;
+        ade_ss/swin_b) echo ade20k/semantic-segmentation/swin/maskformer2_swin_base_384_bs16_160k_res640.yaml ;;
+        ade_ss/swin_b_in21k) echo ade20k/semantic-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_160k_res640.yaml ;;
+        ade_ss/swin_l) echo ade20k/semantic-segmentation/swin/maskformer2_swin_large_IN21k_384_bs16_160k_res640.yaml ;;
+        coco_ps/R50)  echo coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml ;;
+        coco_ps/R101) echo coco/panoptic-segmentation/maskformer2_R101_bs16_50ep.yaml ;;
+        coco_ps/swin_t) echo coco/panoptic-segmentation/swin/maskformer2_swin_tiny_bs16_50ep.yaml ;;
+        coco_ps/swin_s) echo coco/panoptic-segmentation/swin/maskformer2_swin_small_bs16_50ep.yaml ;;
+        coco_ps/swin_b) echo coco/panoptic-segmentation/swin/maskformer2_swin_base_384_bs16_50ep.yaml ;;
+        coco_ps/swin_b_in21k) echo coco/panoptic-segmentation/swin/maskformer2_swin_base_IN21k_384_bs16_50ep.yaml ;;
+        coco_ps/swin_l) echo coco/panoptic-segmentation/swin/maskformer2_swin_large_IN21k_384_bs16_100ep.yaml ;;
+        *) return 1 ;;
+    esac
+}
+BACKBONES="R50 R101 swin_t swin_s swin_b swin_b_in21k swin_l"
+
+# Config file of a named class order on a benchmark, and the backbone that file builds.
+order_config() {
+    case "$1/$2" in
+        ade_ps/[b-j]) echo "ade20k/panoptic-segmentation/continual_$2.yaml R50" ;;
+        ade_ss/b)     echo "ade20k/semantic-segmentation/maskformer2_R101_bs16_90k_b.yaml R101" ;;
+        coco_ps/c)    echo "coco/panoptic-segmentation/continual_c.yaml R50" ;;
+        *) return 1 ;;
+    esac
+}
+orders_of() {
+    case "$1" in ade_ps) echo "b c d e f g h i j" ;; ade_ss) echo "b" ;; coco_ps) echo "c" ;; esac
+}
+
+# Sets CONFIG (absolute path), VARIANT_OPTS (overrides that go with it), VARIANT (a NAME suffix,
+# empty for the official scripts' variant) and VARIANT_DEFAULT (1 for that variant).
+select_variant() {
+    local default_backbone=R50 default_order=
+    case "$BENCHMARK" in
+        ade_ps) ;;
+        ade_ss) default_backbone=R101 ;;
+        coco_ps) default_order=c ;;
+        synthetic)
+            [ -z "${BACKBONE:-}${ORDER:-}" ] || die "script/synthetic takes no BACKBONE / ORDER (its model is configs/synthetic/maskformer2_R18_tiny.yaml); unset them"
+            CONFIG=${USER_CONFIG:-$SYNTHETIC_CONFIG}; VARIANT_OPTS=(); VARIANT=; VARIANT_DEFAULT=1
+            return 0 ;;
+        *) die "unknown BENCHMARK=$BENCHMARK in the scenario script" ;;
+    esac
+    VARIANT_OPTS=(); VARIANT=; VARIANT_DEFAULT=1
+    if [ -n "$USER_CONFIG" ]; then
+        [ -z "${BACKBONE:-}${ORDER:-}" ] || die "set either CONFIG or BACKBONE / ORDER, not both (CONFIG=$USER_CONFIG BACKBONE=${BACKBONE:-} ORDER=${ORDER:-})"
+        CONFIG=$USER_CONFIG; VARIANT_DEFAULT=0
+        return 0
+    fi
+    local backbone=${BACKBONE:-$default_backbone} order=${ORDER:-$default_order}
+    local bfile; bfile=$(backbone_config "$BENCHMARK" "$backbone") \
+        || die "unknown BACKBONE=$backbone for $BENCHMARK: use one of $BACKBONES (or CONFIG=path/to/config.yaml)"
+    if [ -z "$order" ]; then
+        CONFIG=$REPO_ROOT/configs/$bfile
+    else
+        local spec; spec=$(order_config "$BENCHMARK" "$order") \
+            || die "unknown ORDER=$order for $BENCHMARK: the official orders are: $(orders_of "$BENCHMARK") (unset ORDER for the scripts' default order)"
+        local ofile=${spec% *} obackbone=${spec#* }
+        if [ "$obackbone" = "$backbone" ]; then
+            CONFIG=$REPO_ROOT/configs/$ofile          # the official file of this order
+        else                                         # another backbone: its file plus the order's list
+            CONFIG=$REPO_ROOT/configs/$bfile
+            local list; list=$("${PYTHON:-python}" -c 'import sys, yaml; print(str(list(yaml.safe_load(open(sys.argv[1]))["CONT"]["ORDER"])).replace(" ", ""))' \
+                "$REPO_ROOT/configs/$ofile") || die "could not read CONT.ORDER from configs/$ofile"
+            VARIANT_OPTS=(CONT.ORDER "$list" CONT.ORDER_NAME "$order")
+        fi
+    fi
+    [ "$backbone" = "$default_backbone" ] || VARIANT=_$backbone
+    [ "$backbone" = "$default_backbone" ] && [ "$order" = "$default_order" ] || VARIANT_DEFAULT=0
+    if [ "$backbone" = swin_l ] && [ "$BENCHMARK" != ade_ss ] && [ -z "${NUM_QUERIES:-}" ]; then
+        echo "note: the Swin-L config has 200 queries; this scenario passes QUERIES=$QUERIES as the official scripts do (NUM_QUERIES=200 keeps the config's value)" >&2
+    fi
+}
+
 run_scenario() {
+    select_variant
+    QUERIES=${NUM_QUERIES:-$QUERIES}
+    if [ "$VARIANT_DEFAULT" != 1 ]; then  # the released checkpoints are those of the scripts' variant
+        STEP0_CKPT=; FINAL_CKPT=
+    fi
     if [ "${PRINT_SETTINGS:-0}" = 1 ]; then
         local key
-        for key in CONFIG BASE INC STEPS QUERIES STEP0_ITERS STEP0_LR PROMPTS ITERS LR EVAL_PERIOD TRAIN_DELTAS EVAL_DELTAS; do
+        for key in BENCHMARK CONFIG BASE INC STEPS QUERIES STEP0_ITERS STEP0_LR PROMPTS ITERS LR EVAL_PERIOD TRAIN_DELTAS EVAL_DELTAS STEP0_CKPT; do
             echo "$key=${!key:-}"
         done
+        echo "VARIANT_OPTS=${VARIANT_OPTS[*]}"
+        echo "NAME=${NAME:-$DEFAULT_NAME$VARIANT}"
         return 0
     fi
     local python=${PYTHON:-python}
@@ -47,13 +152,13 @@ run_scenario() {
     [ -d "$data" ] || die "dataset root DETECTRON2_DATASETS=$data does not exist: prepare the datasets as in datasets/README.md and export DETECTRON2_DATASETS=/path/to/datasets"
     export DETECTRON2_DATASETS=$data
     local gpus; gpus=$(count_gpus)
-    local name=${NAME:-$DEFAULT_NAME}
+    local name=${NAME:-$DEFAULT_NAME$VARIANT}
     local output_root=${OUTPUT_ROOT:-$DEFAULT_OUTPUT_ROOT}
     local first=${FIRST_STEP:-1} last=${LAST_STEP:-$STEPS}
     local resume=(); [ "${RESUME:-0}" = 1 ] && resume=(--resume)
     local extra=(); [ -n "${EXTRA_ARGS:-}" ] && read -r -a extra <<< "$EXTRA_ARGS"
 
-    local common=(--num-gpus "$gpus" --config-file "$CONFIG"
+    local common=(--num-gpus "$gpus" --config-file "$CONFIG" "${VARIANT_OPTS[@]}"
         OUTPUT_DIR "$output_root"
         MODEL.MASK_FORMER.TEST.MASK_BG False MODEL.MASK_FORMER.PER_PIXEL False MODEL.MASK_FORMER.FOCAL True
         CONT.BASE_CLS "$BASE" CONT.INC_CLS "$INC" CONT.MODE overlap SEED 42
@@ -74,6 +179,7 @@ run_scenario() {
             SOLVER.CHECKPOINT_PERIOD "$STEP0_EVAL" NAME "$name" WANDB False "${extra[@]}"
         step0=$(task_output "$python" "$output_root" "$name" 0 "${common[@]}" "${extra[@]}")/model_final.pth
     elif [ "$first" -le 1 ] && [ "$last" -ge 1 ]; then
+        [ -n "$step0" ] || die "no released step-0 checkpoint for this variant (BACKBONE=${BACKBONE:-} ORDER=${ORDER:-} CONFIG=$CONFIG): train step 0 here with RUN_STEP0=1, or set STEP0_WEIGHTS=/path/to/step0.pth"
         [ -f "$step0" ] || die "step-0 checkpoint STEP0_WEIGHTS=$step0 not found: download the released $(basename "$STEP0_CKPT") (see README, 'Released checkpoints') and set STEP0_WEIGHTS=/path/to/it, or train step 0 here with RUN_STEP0=1"
     fi
 
@@ -92,7 +198,7 @@ run_scenario() {
         if [ -z "$final" ]; then
             final=$(task_output "$python" "$output_root" "$name" "$STEPS" "${common[@]}" "${extra[@]}")/model_final.pth
         fi
-        [ -f "$final" ] || die "final checkpoint $final not found: train all $STEPS steps first, or set EVAL_WEIGHTS (e.g. the released $(basename "$FINAL_CKPT"))"
+        [ -f "$final" ] || die "final checkpoint $final not found: train all $STEPS steps first, or set EVAL_WEIGHTS${FINAL_CKPT:+ (e.g. the released $(basename "$FINAL_CKPT"))}"
         echo "== evaluation of step $STEPS with deltas $EVAL_DELTAS"
         "$python" "$REPO_ROOT/train_continual.py" --eval-only "${common[@]}" "${vpt[@]}" \
             CONT.TASK "$STEPS" CONT.WEIGHTS "$final" CONT.LOGIT_MANI_DELTAS "$EVAL_DELTAS" \

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from detectron2.config import get_cfg
 
-from continual.config import add_continual_config, setup_continual_names
-from mask2former.config import add_maskformer2_config
+from continual.config import setup_cfg, setup_continual_names
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -37,13 +35,8 @@ ALLOWED_DIFFERENCES_AFTER_STEP0 = {"MODEL.WEIGHTS"}
 
 
 def load_config(path, opts=()):
-    """Build a config the way the entry points do: defaults + project keys + YAML + overrides."""
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    cfg.merge_from_file(str(path))
-    cfg.merge_from_list(list(opts))
-    return cfg
+    """Build a config the way the entry points do (continual.config.setup_cfg)."""
+    return setup_cfg(path, opts)
 
 
 def resolved_official(manifest):
@@ -74,10 +67,7 @@ def same_value(a, b):
 
 def default_values():
     """Every key this project defines, at its default value."""
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    return flatten(yaml.safe_load(cfg.dump()))
+    return flatten(yaml.safe_load(setup_cfg().dump()))
 
 
 def differences(ours, official, allowed=ALLOWED_DIFFERENCES):
@@ -122,6 +112,22 @@ def test_every_expected_config_exists():
         "coco/panoptic-segmentation/maskformer2_R50_bs16_50ep.yaml",
         "coco/panoptic-segmentation/continual_c.yaml",
         "synthetic/maskformer2_R18_tiny.yaml",
+        # class orders (the official ECLIPSE file names)
+        "ade20k/panoptic-segmentation/continual.yaml",
+        *[f"ade20k/panoptic-segmentation/continual_{o}.yaml" for o in "bcdefghij"],
+        "ade20k/semantic-segmentation/maskformer2_R101_bs16_90k_b.yaml",
+        # other backbones
+        "ade20k/panoptic-segmentation/maskformer2_R101_bs16_160k.yaml",
+        "coco/panoptic-segmentation/maskformer2_R101_bs16_50ep.yaml",
+        *[f"{d}/swin/maskformer2_swin_{s}.yaml" for d, names in [
+            ("ade20k/panoptic-segmentation", ["tiny_bs16_160k", "small_bs16_160k", "base_384_bs16_160k",
+                                              "base_IN21k_384_bs16_160k", "large_IN21k_384_bs16_160k"]),
+            ("ade20k/semantic-segmentation", ["tiny_bs16_160k", "small_bs16_160k", "base_384_bs16_160k_res640",
+                                              "base_IN21k_384_bs16_160k_res640",
+                                              "large_IN21k_384_bs16_160k_res640"]),
+            ("coco/panoptic-segmentation", ["tiny_bs16_50ep", "small_bs16_50ep", "base_384_bs16_50ep",
+                                            "base_IN21k_384_bs16_50ep", "large_IN21k_384_bs16_100ep"]),
+        ] for s in names],
     ]
     missing = [name for name in expected if not (CONFIGS / name).is_file()]
     assert not missing, missing
@@ -215,3 +221,37 @@ def test_synthetic_config_is_cpu_sized():
     # the class order covers whole steps: BASE_CLS + k * INC_CLS classes
     extra = len(cfg.CONT.ORDER) - cfg.CONT.BASE_CLS
     assert extra > 0 and extra % cfg.CONT.INC_CLS == 0
+
+
+# The first and last three ids of each official ADE20K class order (the full lists are in the files).
+ADE_ORDER_ENDS = {
+    "b": ([74, 19, 119], [15, 93, 103]), "c": ([5, 94, 118], [86, 93, 120]),
+    "d": ([7, 51, 41], [32, 102, 115]), "e": ([143, 83, 26], [138, 140, 97]),
+    "f": ([144, 97, 1], [111, 101, 120]), "g": ([58, 65, 28], [31, 133, 86]),
+    "h": ([76, 133, 46], [27, 147, 49]), "i": ([51, 50, 81], [22, 78, 134]),
+    "j": ([109, 6, 73], [46, 99, 60]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADE_ORDER_ENDS))
+def test_ade_panoptic_orders_are_permutations_with_their_name(name):
+    cfg = load_config(CONFIGS / f"ade20k/panoptic-segmentation/continual_{name}.yaml")
+    assert sorted(cfg.CONT.ORDER) == list(range(1, 151))
+    head, tail = ADE_ORDER_ENDS[name]
+    assert list(cfg.CONT.ORDER[:3]) == head and list(cfg.CONT.ORDER[-3:]) == tail
+    assert cfg.CONT.ORDER_NAME == name
+    # only the order differs from the R50 config
+    plain = flatten(yaml.safe_load(load_config(CONFIGS / "ade20k/panoptic-segmentation/maskformer2_R50_bs16_160k.yaml").dump()))
+    ours = flatten(yaml.safe_load(cfg.dump()))
+    assert {k for k in ours if ours[k] != plain[k]} == {"CONT.ORDER", "CONT.ORDER_NAME"}
+
+
+def test_ade_identity_order_and_semantic_order_b():
+    ident = load_config(CONFIGS / "ade20k/panoptic-segmentation/continual.yaml")
+    assert list(ident.CONT.ORDER) == list(range(1, 151)) and ident.CONT.ORDER_NAME is None
+    sem_b = load_config(CONFIGS / "ade20k/semantic-segmentation/maskformer2_R101_bs16_90k_b.yaml")
+    pan_b = load_config(CONFIGS / "ade20k/panoptic-segmentation/continual_b.yaml")
+    assert list(sem_b.CONT.ORDER) == list(pan_b.CONT.ORDER) and sem_b.CONT.ORDER_NAME == "b"
+    assert sem_b.MODEL.RESNETS.DEPTH == 101 and sem_b.MODEL.RESNETS.NORM == "SyncBN"
+    setup_continual_names(sem_b)
+    assert sem_b.TASK_NAME.endswith("-b")

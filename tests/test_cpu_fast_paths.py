@@ -12,11 +12,27 @@ Small, seeded, one thread; no timing here (speed is measured by ``tools/benchmar
 """
 import pytest
 import torch
+from detectron2.modeling import build_model
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import Instances
 
-from conftest import REFERENCE_FIXTURES
-from mask2former.modeling.pixel_decoder.ms_deform_attn import ms_deform_attn_core_pytorch
+from conftest import FIXTURES, REFERENCE_FIXTURES, build_cfg
+from continual.reference_check import _load, load_fixture_config
+from mask2former.modeling.pixel_decoder import msdeformattn
+from mask2former.modeling.pixel_decoder.ms_deform_attn import ENV_VAR, ms_deform_attn_core_pytorch
 from mask2former.modeling.pixel_decoder.msdeformattn import deform_attn_cpu
+from mask2former.modeling.postprocessing import PostProcessSettings, _best_query, inference_mask_input
 from test_decoder import make_decoder, make_inputs
+
+
+def build_fixture_model(fixture_dir: str):
+    """(cfg, model) of a reference fixture with its head weights (the backbone keeps its random
+    initialisation: fixtures are head-only)."""
+    cfg = load_fixture_config(fixture_dir)
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(_load(fixture_dir, "model_head.pth")["model"], strict=False)
+    assert not unexpected and all(k.startswith("backbone.") for k in missing)
+    return cfg, model
 
 
 @pytest.fixture(autouse=True)
@@ -66,8 +82,6 @@ def test_embedding_bag_core_float32_close():
 @pytest.mark.parametrize("fixture", REFERENCE_FIXTURES, ids=lambda p: p.name)
 def test_low_resolution_attention_masks_on_fixtures(fixture):
     """Only the last prediction is computed at inference; outputs equal to the per-layer path."""
-    from mask2former.utils.reference_check import _load, build_fixture_model
-
     _, model = build_fixture_model(str(fixture))
     head = model.sem_seg_head.eval()
     feats = _load(str(fixture), "backbone_features.pt")["infer"]
@@ -113,10 +127,6 @@ def test_prompt_step_skips_unsupervised_predictions():
 
 
 def test_mask_input_without_crop_or_resize_is_unchanged():
-    from detectron2.modeling.postprocessing import sem_seg_postprocess
-
-    from mask2former.modeling.postprocessing import PostProcessSettings, inference_mask_input
-
     settings = PostProcessSettings(num_classes=3, sem_seg_postprocess_before_inference=True)
     masks = torch.randn(4, 12, 10, generator=torch.Generator().manual_seed(0)) * 20
     out = inference_mask_input(masks, (12, 10), (12, 10), settings)
@@ -128,11 +138,6 @@ def test_mask_input_without_crop_or_resize_is_unchanged():
 
 def _bf16_pair(fixture_name="ade_ps_t3_deltas_pos"):
     """The fixture model in float32 and a copy with ``MODEL.CPU_BF16 True`` (same weights)."""
-    from detectron2.modeling import build_model
-
-    from conftest import FIXTURES
-    from mask2former.utils.reference_check import build_fixture_model
-
     cfg, model = build_fixture_model(str(FIXTURES / fixture_name))
     cfg = cfg.clone()
     cfg.defrost()
@@ -149,8 +154,6 @@ def _image_batch(size=64, seed=0):
 
 
 def test_cpu_bf16_is_off_by_default_and_switches_autocast_on():
-    from conftest import build_cfg
-
     assert build_cfg().MODEL.CPU_BF16 is False
     model, bf16 = _bf16_pair()
     assert not model.cpu_bf16 and bf16.cpu_bf16
@@ -175,9 +178,9 @@ def test_cpu_bf16_outputs_close_to_float32():
     batch = _image_batch()
     with torch.no_grad():
         images = model.preprocess_images(batch)
-        ref = model.eval().head_outputs(model.backbone(images.tensor))
+        ref = model.eval().sem_seg_head(model.backbone(images.tensor))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = bf16.eval().head_outputs(bf16.backbone(images.tensor))
+            out = bf16.eval().sem_seg_head(bf16.backbone(images.tensor))
     # bf16 keeps 8 bits of mantissa: close, not equal
     for key in ("pred_logits", "pred_masks"):
         scale = ref[key].abs().max().item()
@@ -189,8 +192,6 @@ def test_cpu_bf16_outputs_close_to_float32():
 
 
 def test_cpu_bf16_training_losses_are_float32_and_backpropagate():
-    from detectron2.structures import Instances
-
     _, bf16 = _bf16_pair()
     bf16.train()
     batch = _image_batch()
@@ -210,9 +211,6 @@ def test_cpu_bf16_training_losses_are_float32_and_backpropagate():
 def test_pixel_decoder_uses_embedding_bag_only_without_gradients(monkeypatch):
     """Inference (and a frozen pixel decoder) take the embedding_bag core; a trainable one keeps
     the grid_sample core, whose CPU backward is faster. Both give the same features."""
-    from mask2former.modeling.pixel_decoder import msdeformattn
-    from mask2former.utils.reference_check import _load, build_fixture_model
-
     fixture = REFERENCE_FIXTURES[0]
     _, model = build_fixture_model(str(fixture))
     pixel_decoder = model.sem_seg_head.pixel_decoder.eval()
@@ -231,8 +229,6 @@ def test_pixel_decoder_uses_embedding_bag_only_without_gradients(monkeypatch):
 
 @pytest.mark.parametrize("num_queries", [1, 2, 37])
 def test_best_query_is_the_argmax_with_first_query_on_ties(num_queries):
-    from mask2former.modeling.postprocessing import _best_query
-
     g = torch.Generator().manual_seed(num_queries)
     masks = torch.rand(num_queries, 9, 11, generator=g)
     masks[:, :3] = 0.5  # ties everywhere in these rows
@@ -240,3 +236,24 @@ def test_best_query_is_the_argmax_with_first_query_on_ties(num_queries):
     scores[-1] = scores[0]
     expected = (scores.view(-1, 1, 1) * masks).argmax(0)
     assert torch.equal(_best_query(scores, masks), expected)
+
+
+def test_cpu_fast_path_only_for_the_pytorch_implementation(monkeypatch):
+    """The embedding_bag core stands in for the ``pytorch`` implementation only: an explicitly
+    selected kernel still decides for itself (here: ``cuda_ext`` refuses CPU inputs)."""
+    fixture = REFERENCE_FIXTURES[0]
+    _, model = build_fixture_model(str(fixture))
+    pixel_decoder = model.sem_seg_head.pixel_decoder.eval()
+    feats = _load(str(fixture), "backbone_features.pt")["infer"]
+    calls = []
+    original = msdeformattn.deform_attn_cpu
+    monkeypatch.setattr(msdeformattn, "deform_attn_cpu", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setenv(ENV_VAR, "pytorch")
+    with torch.no_grad():
+        pixel_decoder.forward_features(feats)
+    assert calls
+    calls.clear()
+    monkeypatch.setenv(ENV_VAR, "cuda_ext")
+    with torch.no_grad(), pytest.raises(ValueError, match="cuda_ext"):
+        pixel_decoder.forward_features(feats)
+    assert not calls

@@ -281,8 +281,14 @@ def test_ade20k_panoptic_preparation_and_registration(tmp_path, monkeypatch):
     ade = _write_fake_ade(tmp_path)
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
     assert prepare_ade20k_pan_seg.main(["--workers", "1"]) == 0
-    _assert_valid_panoptic(ade / "myade20k_panoptic_train.json", ade / "myade20k_panoptic_train",
-                           image_dir=ade / "images" / "training")
+    train = json.loads((ade / "myade20k_panoptic_train.json").read_text())
+    for ann in train["annotations"]:
+        ids = rgb2id(np.asarray(Image.open(ade / "myade20k_panoptic_train" / ann["file_name"]).convert("RGB")))
+        assert ids.shape == (30, 40)
+        # stuff segments keep the area of their semantic region (the chair hides part of it)
+        visible = {s["category_id"]: int((ids == s["id"]).sum()) for s in ann["segments_info"]}
+        assert visible == {3: 400, 1: 340 - 16, 4: 380 - 32, 8: 60, 20: 48}
+        assert [s["id"] for s in ann["segments_info"]] == [1, 2, 3, 4, 5]
     data = json.loads((ade / "myade20k_panoptic_val.json").read_text())
     assert data["categories"] == ADE20K_150_CATEGORIES
     assert data["images"][0] == {"id": "ADE_val_00000001", "file_name": "ADE_val_00000001.jpg",
@@ -294,9 +300,11 @@ def test_ade20k_panoptic_preparation_and_registration(tmp_path, monkeypatch):
     assert d["file_name"] == str(ade / "images" / "training" / "ADE_train_00000001.jpg")
     assert d["sem_seg_file_name"] == str(ade / "annotations" / "training" / "ADE_train_00000001.png")
     areas = {(s["category_id"], s["isthing"]): s["area"] for s in d["segments_info"]}
-    # the chair covers 2x8 wall and 4x8 floor pixels; the person without instance is void
-    assert areas == {(3, False): 400, (1, False): 400 - 60 - 16, (4, False): 400 - 20 - 32,
+    # areas of the official preparation: a stuff area counts the pixels the chair (2x8 wall and
+    # 4x8 floor pixels) paints over; the person without instance is void
+    assert areas == {(3, False): 400, (1, False): 400 - 60, (4, False): 400 - 20,
                      (8, True): 60, (20, True): 48}
+    assert [(s["category_id"]) for s in d["segments_info"]] == [1, 3, 4, 8, 20]  # stuff by id, then things
     assert len(DatasetCatalog.get("myade20k_sem_seg_train")) == 2
 
 
@@ -306,8 +314,9 @@ def test_ade20k_convert_annotation_rules():
     ins = np.zeros((6, 6, 3), np.uint8)
     ins[:2, :2] = (4, 7, 0)                            # instance category 4 = person (13)
     id_map, segments = prepare_ade20k_pan_seg.convert_annotation(sem, ins, prepare_ade20k_pan_seg.builtin_catid_mapping())
-    assert [(s["category_id"], s["area"]) for s in segments] == [(1, 32), (13, 4)]  # sky dropped
-    assert id_map.dtype == np.int32 and (id_map > 0).all()
+    # the hidden sky pixel stays a segment of area 1, and the wall area includes the instance's pixels
+    assert [(s["category_id"], s["area"]) for s in segments] == [(1, 35), (3, 1), (13, 4)]
+    assert id_map.dtype == np.int32 and (id_map > 0).all() and not (id_map == 2).any()
     ins[0, 1] = (5, 7, 0)                              # one instance, two categories
     with pytest.raises(ValueError, match="instance 7"):
         prepare_ade20k_pan_seg.convert_annotation(sem, ins, prepare_ade20k_pan_seg.builtin_catid_mapping())

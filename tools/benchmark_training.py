@@ -29,18 +29,21 @@ Usage::
     python tools/benchmark_training.py --sizes real --threads 1 --ab --bf16 --baseline-repo ../main
 """
 import argparse
-import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_inference import (  # noqa: E402
-    REPO, _ratio, _timed, _timed_ab, build_cfg, machine_description, previous_cpu_paths,
+    _ratio, _timed, _timed_ab, add_common_arguments, answer_worker_or_prepare, build_cfg, machine_description,
+    previous_cpu_paths, run_worker,
 )
+import torch  # noqa: E402
+from detectron2.structures import Instances  # noqa: E402
+
+import mask2former  # noqa: E402  (the package whose path the --baseline-repo check reads)
+from continual.trainer import IncrementalTrainer  # noqa: E402
 
 TRAIN_KEYS = [
     "CONT.BACKBONE_FREEZE", "True", "CONT.CLS_HEAD_FREEZE", "True", "CONT.MASK_HEAD_FREEZE", "True",
@@ -51,12 +54,6 @@ TRAIN_KEYS = [
 
 def measure(spec: dict) -> dict:
     """One training configuration: returns times (ms), trainable parameters and peak RSS."""
-    import torch
-    from detectron2.structures import Instances
-
-    import mask2former  # noqa: F401
-    from continual.trainer import IncrementalTrainer
-
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     cfg = build_cfg(spec["size"], spec["step"])
@@ -84,9 +81,7 @@ def measure(spec: dict) -> dict:
         sum(losses.values()).backward()
         optimizer.step()
 
-    import mask2former as package
-
-    result = {"package": str(Path(package.__file__).resolve().parent)}
+    result = {"package": str(Path(mask2former.__file__).resolve().parent)}
     if spec.get("ab"):
         times, result["previous_ms"] = _timed_ab(
             iteration, lambda: previous_cpu_paths(model), spec["warmup"], spec["runs"])
@@ -101,41 +96,17 @@ def measure(spec: dict) -> dict:
     }
 
 
-def run_case(spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    if spec.get("repo"):  # the baseline checkout's packages come first on the path
-        env["PYTHONPATH"] = os.pathsep.join([spec["repo"], env.get("PYTHONPATH", "")])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=spec.get("repo") or str(REPO))
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed for {spec}:\n{proc.stderr[-4000:]}")
-    return json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--sizes", default="tiny,real")
-    parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed iterations")
-    parser.add_argument("--output", help="also write the table (Markdown) to this file")
+    add_common_arguments(parser, runs=5, warmup=1)
+    parser.add_argument("--batch", type=int, default=2, help="images per iteration (default 2)")
     parser.add_argument("--ab", action="store_true",
                         help="also time the replaced CPU paths in the same worker, interleaved")
     parser.add_argument("--baseline-repo", help="also run every case with the package of this checkout")
     parser.add_argument("--bf16", action="store_true", help="also time MODEL.CPU_BF16 True")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.worker:
-        spec = json.loads(args.worker)
-        if spec.get("repo"):
-            sys.path.insert(0, spec["repo"])
-        print(json.dumps(measure(spec)))
+    if answer_worker_or_prepare(args, measure):
         return 0
-    if args.quick:
-        args.warmup, args.runs = 1, 2
     lines = [machine_description(args.threads),
              f"- batch of {args.batch} random {args.image_size}x{args.image_size} images, "
              f"median / min of {args.runs} iterations after {args.warmup} warm-up",
@@ -152,7 +123,7 @@ def main(argv=None) -> int:
                         "bf16": variant == "bf16", "ab": args.ab and variant == "float32"}
                 if variant == "baseline":
                     spec["repo"] = str(Path(args.baseline_repo).resolve())
-                r = run_case(spec)
+                r = run_worker(__file__, spec)
                 if variant == "baseline" and not r["package"].startswith(spec["repo"]):
                     raise RuntimeError(f"the baseline worker imported {r['package']}, not {spec['repo']}")
                 ratio = "-"

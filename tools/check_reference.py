@@ -4,9 +4,12 @@
 Usage: python tools/check_reference.py FIXTURE_DIR [FIXTURE_DIR ...]
 
 Prints one table per fixture and exits with status 1 if any check fails. The fixture format
-is described in tests/fixtures/README.md.
+is described in tests/fixtures/README.md; distillation fixtures (manifest ``"kind":
+"distillation"``, tests/fixtures/distillation/README.md) are checked by
+continual.distillation_reference.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -14,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from mask2former.utils.reference_check import format_table, run_checks  # noqa: E402
+from continual.distillation_reference import format_checks, run_distillation_checks  # noqa: E402
+from continual.reference_check import format_table, run_checks  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,9 +33,16 @@ def main(argv=None) -> int:
             print(f"{path}: not a fixture folder (no manifest.json)", file=sys.stderr)
             failed += 1
             continue
-        results = run_checks(path)
+        with open(os.path.join(path, "manifest.json")) as f:
+            kind = json.load(f).get("kind")
+        if kind == "distillation":
+            results = run_distillation_checks(path)
+            table = format_checks(results)
+        else:
+            results = run_checks(path)
+            table = format_table(results)
         print(f"== {path}")
-        print(format_table(results))
+        print(table)
         failed += sum(not r.ok for r in results)
     return 1 if failed else 0
 

@@ -12,8 +12,14 @@ predictions to targets with a :class:`HungarianMatcher` and computes
 
 ``forward`` returns the UNWEIGHTED losses; use :func:`weight_losses` / :func:`weighted_total`
 (or the meta-architecture) to apply ``weight_dict``.
+
+Two hooks let other losses reuse the matching and the mask losses without copying them (the
+distillation baselines of ``continual.distillation`` use both): ``class_loss`` may be a callable
+that replaces the classification loss, and ``forward(..., extra_losses=fn)`` adds the terms
+``fn(m, prediction)`` returns for prediction ``m`` (0 = final, ``i + 1`` = ``aux_outputs[i]``),
+with the same ``_i`` suffix as the other losses.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -38,6 +44,8 @@ __all__ = [
 
 # A matching is a list over images of (pred_idx int64 [k], tgt_idx int64 [k]).
 Matching = List[Tuple[torch.Tensor, torch.Tensor]]
+# A custom classification loss: (logits float [B, Q, K+1], target classes int64 [B, Q]) -> scalar.
+ClassLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sigmoid_focal_class_loss(
@@ -160,7 +168,7 @@ class SetCriterion(nn.Module):
         num_points: int,
         oversample_ratio: float,
         importance_sample_ratio: float,
-        class_loss: str = "focal",
+        class_loss: Union[str, ClassLoss] = "focal",
         focal_alpha: float = 5.0,
         focal_gamma: float = 1.0,
     ):
@@ -176,13 +184,14 @@ class SetCriterion(nn.Module):
             losses: subset of ``("labels", "masks")``.
             num_points: points per mask for the mask losses.
             oversample_ratio, importance_sample_ratio: PointRend importance sampling.
-            class_loss: "focal" (ECLIPSE sigmoid focal, FOCAL=True) or "ce" (softmax
-                cross-entropy).
+            class_loss: "focal" (ECLIPSE sigmoid focal, FOCAL=True), "ce" (softmax
+                cross-entropy), or a callable ``(logits [B, Q, K+1], target_classes [B, Q])
+                -> scalar`` (unmatched queries have target K).
             focal_alpha, focal_gamma: parameters of the focal loss.
         """
         super().__init__()
-        if class_loss not in ("focal", "ce"):
-            raise ValueError(f"class_loss must be 'focal' or 'ce', got {class_loss!r}")
+        if not callable(class_loss) and class_loss not in ("focal", "ce"):
+            raise ValueError(f"class_loss must be 'focal', 'ce' or a callable, got {class_loss!r}")
         unknown = set(losses) - {"labels", "masks"}
         if unknown:
             raise ValueError(f"unknown losses {sorted(unknown)}")
@@ -271,7 +280,9 @@ class SetCriterion(nn.Module):
         ).to(logits.device)
         target_classes[self._src_index(indices)] = matched_labels
 
-        if self.class_loss == "focal":
+        if callable(self.class_loss):
+            loss = self.class_loss(logits, target_classes)
+        elif self.class_loss == "focal":
             loss = sigmoid_focal_class_loss(
                 logits, target_classes, self.focal_alpha, self.focal_gamma
             )
@@ -373,6 +384,7 @@ class SetCriterion(nn.Module):
         indices: Optional[Sequence[Optional[Matching]]] = None,
         point_coords: Optional[Sequence[Optional[torch.Tensor]]] = None,
         matcher_point_coords: Optional[Sequence[Optional[Sequence[torch.Tensor]]]] = None,
+        extra_losses: Optional[Callable[[int, Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -389,6 +401,10 @@ class SetCriterion(nn.Module):
             point_coords: [N_matched, P, 2] points for the mask losses instead of importance
                 sampling.
             matcher_point_coords: per-image [P, 2] points passed to the matcher.
+
+            extra_losses: optional ``fn(m, prediction) -> {name: scalar}`` called for every
+                prediction (``m`` as above); its losses are added after the prediction's own
+                ones, with the same suffix (e.g. the distillation terms).
 
         Returns:
             unweighted losses: "loss_ce", "loss_mask", "loss_dice" for the final output and
@@ -414,6 +430,8 @@ class SetCriterion(nn.Module):
             l_dict = self.loss_for_prediction(
                 prediction, targets, matching, num_masks, override(point_coords, m)
             )
+            if extra_losses is not None:
+                l_dict.update(extra_losses(m, prediction))
             losses.update({k + suffix: v for k, v in l_dict.items()})
         return losses
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # ADE20K continual panoptic segmentation 50-10: 50 base classes, then 10 steps of 10.
-# Hyper-parameters of the official ECLIPSE script (ECLIPSE_SPEC.md section 7). Environment
+# Hyper-parameters of the official ECLIPSE script. Environment
 # variables (data root, step-0 checkpoint, which steps to run, ...) are listed in script/common.sh.
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
-CONFIG=${CONFIG:-$REPO_ROOT/configs/ade20k/panoptic-segmentation/maskformer2_R50_bs16_160k.yaml}
+# the model and class order: BACKBONE / ORDER / CONFIG (script/common.sh)
+BENCHMARK=ade_ps
 DEFAULT_OUTPUT_ROOT=results/ade_ps
 DEFAULT_NAME=adps_50_10
 BASE=50; INC=10; STEPS=10; QUERIES=50

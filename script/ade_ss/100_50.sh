@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # ADE20K continual semantic segmentation 100-50 (R101): 100 base classes, then 1 step of 50.
-# Hyper-parameters of the official ECLIPSE script (ECLIPSE_SPEC.md section 7). Environment
+# Hyper-parameters of the official ECLIPSE script. Environment
 # variables (data root, step-0 checkpoint, which steps to run, ...) are listed in script/common.sh.
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
-CONFIG=${CONFIG:-$REPO_ROOT/configs/ade20k/semantic-segmentation/maskformer2_R101_bs16_90k.yaml}
+# the model and class order: BACKBONE / ORDER / CONFIG (script/common.sh)
+BENCHMARK=ade_ss
 DEFAULT_OUTPUT_ROOT=results/ade_ss
 DEFAULT_NAME=adss_100_50
 BASE=100; INC=50; STEPS=1; QUERIES=100

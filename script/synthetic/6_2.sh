@@ -10,7 +10,8 @@
 # whole model trained on the new classes).
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
-CONFIG=${CONFIG:-$REPO_ROOT/configs/synthetic/maskformer2_R18_tiny.yaml}
+BENCHMARK=synthetic
+SYNTHETIC_CONFIG=$REPO_ROOT/configs/synthetic/maskformer2_R18_tiny.yaml
 DEFAULT_OUTPUT_ROOT=output/synthetic
 DEFAULT_NAME=syn_6_2
 BASE=6; INC=2; STEPS=2; QUERIES=16

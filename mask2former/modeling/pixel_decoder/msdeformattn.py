@@ -22,7 +22,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 
 from ..transformer_decoder.position_encoding import PositionEmbeddingSine
-from .ms_deform_attn import MSDeformAttn, ms_deform_attn
+from .ms_deform_attn import MSDeformAttn, resolve_ms_deform_attn_impl
 
 __all__ = [
     "deform_attn_cpu",
@@ -97,14 +97,16 @@ def _deformable_attention(attn: MSDeformAttn, query: Tensor, reference_points: T
                           spatial_shapes: Tensor, level_start_index: Tensor,
                           padding_mask: Optional[Tensor]) -> Tensor:
     """``attn(query, reference_points, src, ...)``, with :func:`deform_attn_cpu` as the sampling
-    core for CPU tensors when no gradient is needed (inference, a frozen pixel decoder); the
-    module's own forward, unchanged, everywhere else. ``embedding_bag``'s backward (a sort of
-    every index) is slower on CPU than ``grid_sample``'s, so a trainable pixel decoder keeps the
-    ``grid_sample`` core."""
+    core for CPU tensors when no gradient is needed (inference, a frozen pixel decoder) and the
+    selected implementation is ``pytorch`` (what ``auto`` picks on CPU); the module's own
+    forward, unchanged, everywhere else (so an explicitly selected kernel runs, or refuses CPU
+    inputs, as :func:`.ms_deform_attn.ms_deform_attn` decides). ``embedding_bag``'s backward (a
+    sort of every index) is slower on CPU than ``grid_sample``'s, so a trainable pixel decoder
+    keeps the ``grid_sample`` core."""
     needs_grad = torch.is_grad_enabled() and (
         query.requires_grad or src.requires_grad or any(p.requires_grad for p in attn.parameters())
     )
-    if src.is_cuda or needs_grad:
+    if src.device.type != "cpu" or needs_grad or resolve_ms_deform_attn_impl(src.device) != "pytorch":
         return attn(query, reference_points, src, spatial_shapes, level_start_index, padding_mask)
     batch, num_queries, _ = query.shape
     value = attn.value_proj(src)
