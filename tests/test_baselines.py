@@ -343,3 +343,18 @@ def test_scenario_script_runs_comformer(data_root, tmp_path):
     bad = subprocess.run(["bash", str(REPO / "script" / "synthetic" / "6_2.sh")], cwd=REPO, capture_output=True,
                          text=True, env=dict(env, METHOD="icarl"))
     assert bad.returncode != 0 and "unknown METHOD=icarl" in bad.stderr
+
+
+@pytest.mark.slow
+def test_ade_panoptic_script_runs_a_baseline_on_the_official_layout(tmp_path):
+    from script_runner import generate_official_layouts, run_script
+
+    root = generate_official_layouts(tmp_path / "data")
+    out = tmp_path / "out"
+    res = run_script("ade_ps/100_50.sh", root, out, METHOD="comformer", RUN_STEP0=1, LAST_STEP=1, RUN_EVAL=0)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = out / "mya-pan_100-50-ov" / "adps_100_50_comformer"
+    assert (run / "step0" / "model_final.pth").is_file() and (run / "step1" / "model_final.pth").is_file()
+    config = (run / "step1" / "config.yaml").read_text()
+    assert "NUM_PROMPTS: 0" in config and "UKD: true" in config and "BASE_LR: 5.0e-05" in config
+    assert "teacher of step 1: the step 0 model" in (run / "step1" / "log.txt").read_text()
