@@ -69,9 +69,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.modeling import build_model
 
 from mask2former.modeling.criterion import SetCriterion, sigmoid_focal_class_loss, weight_losses
 from mask2former.modeling.matcher import HungarianMatcher
+
+from .checkpoint import check_checkpoint_for_step, read_model_state
+from .config import setup_cfg
 
 __all__ = [
     "DistillationLoss",
@@ -563,15 +567,7 @@ def uses_distillation(cfg) -> bool:
 def teacher_config(cfg):
     """The config of the teacher: the step's config at ``CONT.TASK - 1`` (class heads of the
     earlier steps only, no prompts) with the distillation keys at their defaults."""
-    from detectron2.config import get_cfg
-
-    from mask2former.config import add_maskformer2_config
-
-    from .config import add_continual_config
-
-    defaults = get_cfg()
-    add_maskformer2_config(defaults)
-    add_continual_config(defaults)
+    defaults = setup_cfg()
     tcfg = cfg.clone()
     tcfg.defrost()
     tcfg.CONT.TASK = cfg.CONT.TASK - 1
@@ -616,10 +612,6 @@ def build_teacher(cfg, weights_path: str) -> Teacher:
     ``weights_path`` (the weights the step starts from: ``CONT.WEIGHTS`` or the previous step's
     ``model_final.pth``, never the step's own resume checkpoint), keys matched exactly; every
     parameter frozen, eval mode (BatchNorm running statistics)."""
-    from detectron2.modeling import build_model
-
-    from .checkpoint import check_checkpoint_for_step, read_model_state
-
     if not weights_path or not os.path.isfile(weights_path):
         raise FileNotFoundError(
             f"the teacher of step {cfg.CONT.TASK} is the step {cfg.CONT.TASK - 1} model {weights_path!r}, which does "

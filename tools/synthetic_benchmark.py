@@ -56,6 +56,20 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # before pyplot: files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from panopticapi.utils import rgb2id  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+import demo  # noqa: E402  (tools/demo.py)
+from continual.costs import COSTS_FILE  # noqa: E402
+from continual.evaluation.results import read_metrics_json  # noqa: E402
 
 SCRIPT = os.path.join(REPO_ROOT, "script", "synthetic", "6_2.sh")
 GENERATOR = os.path.join(REPO_ROOT, "datasets", "generate_synthetic.py")
@@ -147,8 +161,6 @@ def combine_methods(eclipse: Mapping[int, Mapping], finetune: Optional[Mapping[i
 def method_costs(run_dir: str) -> Dict[int, Dict]:
     """``{step: {trainable_parameters, seconds_per_iteration, peak_rss_mb, ...}}`` from the
     ``step<t>/training_costs.json`` files of one run (steps without the file are left out)."""
-    from continual.costs import COSTS_FILE
-
     costs = {}
     if not os.path.isdir(run_dir):
         return costs
@@ -222,11 +234,6 @@ def acceptance_checks(table: Mapping[int, Mapping]) -> List[Dict]:
 
 def plot_pq(table: Mapping[int, Mapping], path: str, title: str = "Synthetic 6-2: PQ across steps") -> str:
     """Plot PQ base / new / all across steps (ECLIPSE solid, fine-tuning dashed) into ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = sorted(table)
     colors = {"base": "tab:blue", "new": "tab:orange", "all": "tab:green"}
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
@@ -262,8 +269,6 @@ def summarize(eclipse_metrics: str, finetune_metrics: Optional[str], output: str
     """Read the runs' ``metrics.json`` files (and the ``training_costs.json`` of their steps, in
     the same folders) and write ``summary.md``, ``summary.json`` and ``pq_across_steps.png`` into
     ``output``. Returns the summary (``table``, ``costs``, ``checks``, ``markdown``, ``plot``)."""
-    from continual.evaluation.results import read_metrics_json
-
     paths = {"eclipse": eclipse_metrics, "finetune": finetune_metrics, "comformer": comformer_metrics}
     pq = {k: method_pq(read_metrics_json(p)) if p else None for k, p in paths.items()}
     cost = {k: method_costs(os.path.dirname(p)) if p else None for k, p in paths.items()}
@@ -476,10 +481,6 @@ def _validation_json(data_root: str) -> Dict:
 
 def _ground_truth(data_root: str, annotation: Mapping):
     """The ground-truth panoptic id map of one validation annotation of the synthetic set."""
-    import numpy as np
-    from panopticapi.utils import rgb2id
-    from PIL import Image
-
     path = os.path.join(data_root, "synthetic", "synthetic_panoptic_val", annotation["file_name"])
     return rgb2id(np.asarray(Image.open(path).convert("RGB")))
 
@@ -504,13 +505,6 @@ def draw_overlays(runs: Mapping[str, Tuple[str, str, str, List[str]]], images: S
     """Overlays of each model (``runs``: label -> (folder, config.yaml, checkpoint, overrides))
     with tools/demo.py into ``output/<folder>``, plus ``output/compare_<image>.png``: image |
     ground truth | one column per model."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageDraw
-
-    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-    import demo
-
     torch.set_num_threads(threads)
     panels: Dict[str, List[np.ndarray]] = {}
     classes = None
