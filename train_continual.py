@@ -18,6 +18,7 @@ from detectron2.utils.logger import setup_logger
 
 import mask2former  # noqa: F401  (registers the model and the datasets)
 from continual.checkpoint import check_checkpoint_for_step, read_model_state
+from continual.compat import check_continual_keys
 from continual.config import setup_cfg, setup_continual_names
 from continual.trainer import IncrementalTrainer, write_step_results
 
@@ -30,6 +31,7 @@ def setup(args):
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         cfg.MODEL.DEVICE = "cpu"
     setup_continual_names(cfg)
+    check_continual_keys(cfg, training=not args.eval_only)
     if args.eval_only:
         # keep an evaluation's files apart from the training run of the same step
         cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "eval_only")

@@ -41,7 +41,6 @@ def add_continual_config(cfg: CN) -> None:
     c.WEIGHTS = None
     c.MODE = "overlap"  # "overlap" | "disjoint" | "sequential"
     c.INC_QUERY = False
-    c.COSINE = False
     c.WA_STEP = 0
 
     # CoMFormer / MiB / PLOP distillation options; accepted but unused by ECLIPSE

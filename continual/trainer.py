@@ -30,11 +30,14 @@ from torch.nn.parallel import DistributedDataParallel
 from mask2former.data.dataset_mappers import build_train_mapper
 
 from .checkpoint import check_checkpoint_for_step, read_model_state
+from .compat import WeightAligningHook, check_continual_keys
 from .config import step_output_dir
+from .costs import TrainingCostHook
 from .data import build_step_test_loader, build_step_train_loader
+from .distillation import setup_distillation
 from .evaluation import ContinualPanopticEvaluator, ContinualSemSegEvaluator
 from .evaluation.results import write_metrics_json, write_official_results
-from .prompt_tuning import configure_trainable_parameters, initialize_new_step, trainable_parameter_names
+from .prompt_tuning import configure_trainable_parameters, get_predictor, initialize_new_step, trainable_parameter_names
 
 __all__ = ["IncrementalTrainer", "previous_step_weights", "build_param_groups", "StepAlreadyFinishedError"]
 
@@ -127,6 +130,7 @@ class IncrementalTrainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_continual_keys(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -228,6 +232,12 @@ class IncrementalTrainer(DefaultTrainer):
         for h in hook_list:
             if isinstance(h, hooks.PeriodicCheckpointer):
                 h.max_to_keep = 1
+        # before the checkpointer and evaluation hooks: times the iterations alone, and writes
+        # its file before the final evaluation
+        hook_list.insert(2, TrainingCostHook(self.cfg.OUTPUT_DIR))
+        if self.cfg.CONT.WA_STEP > 0 and self.cfg.CONT.TASK > 0:
+            # before the checkpointer and evaluation hooks, which then see the aligned heads
+            hook_list.insert(2, WeightAligningHook(get_predictor(self.model).class_embed))
         return hook_list
 
     # ------------------------------------------------------------------ weights
@@ -241,6 +251,8 @@ class IncrementalTrainer(DefaultTrainer):
         """
         cfg = self.cfg
         step = cfg.CONT.TASK
+        # the baselines' teacher: always the weights the step starts from, also when resuming
+        setup_distillation(cfg, self.model, self.step_start_weights(cfg))
         final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
         if resume and self.checkpointer.has_checkpoint():
             path = self.checkpointer.get_checkpoint_file()

@@ -122,7 +122,7 @@ def add_maskformer2_config(cfg: CN) -> None:
 
 # the CONT keys read by mask2former/ (the rest of CONT belongs to continual/config.py)
 NETWORK_CONT_KEYS = (
-    "BASE_CLS", "INC_CLS", "TASK", "USE_BIAS", "NUM_PROMPTS", "SOFTCLS", "PROMPT_DEEP",
+    "BASE_CLS", "INC_CLS", "TASK", "USE_BIAS", "COSINE", "NUM_PROMPTS", "SOFTCLS", "PROMPT_DEEP",
     "PROMPT_MASK_MLP", "PROMPT_NO_OBJ_MLP", "DEEP_CLS", "LOGIT_MANI_DELTAS", "PROMPT_SUPERVISE_ALL_LAYERS",
 )
 
@@ -134,6 +134,7 @@ def _add_network_cont_keys(cfg: CN) -> None:
     c.INC_CLS = 5
     c.TASK = 0
     c.USE_BIAS = True  # bias of the class heads
+    c.COSINE = False  # cosine classifier (bias-free heads, scaled cosine logits)
     c.NUM_PROMPTS = 10  # prompts per incremental step; must be 0 at step 0
     c.SOFTCLS = True  # softmax (True) or sigmoid (False) class scores; the scripts use False
     c.PROMPT_DEEP = False

@@ -133,17 +133,19 @@ class MaskFormer(nn.Module):
         pixel_decoder = getattr(sem_seg_head, "pixel_decoder", None)
         if cpu_bf16 and pixel_decoder is not None:
             pixel_decoder.cpu_bf16 = True  # its linear layers and convolutions in bf16 too
+        self._training_loss = None
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
-        num_classes = sum(step_class_groups(cfg.CONT.BASE_CLS, cfg.CONT.INC_CLS, cfg.CONT.TASK))
         mf = cfg.MODEL.MASK_FORMER
+        use_bg = (mf.TEST.MASK_BG or mf.PER_PIXEL) and mf.TEST.SEMANTIC_ON
+        # a background class is class 0 of the base head (one more class)
+        num_classes = sum(step_class_groups(cfg.CONT.BASE_CLS + int(use_bg), cfg.CONT.INC_CLS, cfg.CONT.TASK))
         # the official code reads the thing classes from the training set's metadata
         metadata = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else None
         thing_ids = getattr(metadata, "thing_dataset_id_to_contiguous_id", {}).values() if metadata else ()
-        use_bg = (mf.TEST.MASK_BG or mf.PER_PIXEL) and mf.TEST.SEMANTIC_ON
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
@@ -178,6 +180,17 @@ class MaskFormer(nn.Module):
             labels = inst.gt_classes - 1 if self.shift_labels else inst.gt_classes.clone()
             targets.append({"labels": labels, "masks": padded})
         return targets
+
+    def set_training_loss(self, loss) -> None:
+        """Compute the training losses with ``loss`` instead of the criterion (the distillation
+        baselines, ``continual.distillation.setup_distillation``; None restores the criterion).
+
+        ``loss(images=, features=, outputs=, gt_instances=, padded_size=)`` gets the normalised
+        padded batch, the backbone features, the head outputs (training layout, with the mask
+        features as ``outputs["features"]``) and the ground truth, and returns the weighted
+        losses. It is not a submodule: a teacher it holds is neither saved nor trained.
+        """
+        self._training_loss = loss
 
     def losses(self, outputs: Dict, targets: List[Dict], **injected) -> Dict[str, Tensor]:
         """Weighted losses; keys without a weight are dropped. ``injected`` is passed to the
@@ -217,6 +230,11 @@ class MaskFormer(nn.Module):
             if "instances" not in batched_inputs[0]:
                 raise ValueError("training inputs need 'instances' (use a MaskFormer dataset mapper)")
             gt = [x["instances"].to(self.device) for x in batched_inputs]
+            if self._training_loss is not None:
+                if bf16:  # the distillation losses (POD) compare the backbone features in float32
+                    features = _float32_outputs(features)
+                return self._training_loss(images=images.tensor, features=features, outputs=outputs,
+                                           gt_instances=gt, padded_size=padded_size)
             return self.losses(outputs, self.prepare_targets(gt, padded_size))
         output_sizes = [self._output_size(x, s) for x, s in zip(batched_inputs, images.image_sizes)]
         return self.postprocess(outputs, images.image_sizes, output_sizes, padded_size)

@@ -73,4 +73,7 @@ class MaskFormerHead(nn.Module):
         frozen = self.training and not any(p.requires_grad for p in self.pixel_decoder.parameters())
         with torch.no_grad() if frozen else nullcontext():
             mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
-        return self.predictor(multi_scale_features, mask_features, mask)
+        outputs = self.predictor(multi_scale_features, mask_features, mask)
+        if self.training:
+            outputs["features"] = mask_features  # for the distillation baselines (POD)
+        return outputs

@@ -110,6 +110,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         prompt_no_obj_mlp: bool = False,
         deep_cls: bool = True,
         cls_bias: bool = True,
+        cosine_cls: bool = False,
         logit_deltas: Optional[Sequence[float]] = None,
         prompt_supervise_all_layers: bool = False,
     ):
@@ -127,7 +128,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             prompt_mask_mlp: a mask-embedding MLP per prompt set.
             prompt_no_obj_mlp: a no-object MLP per prompt set, used at inference (in training see
                 :meth:`_training_no_object_heads`).
-            deep_cls, cls_bias: class-head type, see :class:`IncrementalClassifier`.
+            deep_cls, cls_bias, cosine_cls: class-head type, see :class:`IncrementalClassifier`.
             logit_deltas: one delta per group for the inference logit manipulation.
             prompt_supervise_all_layers: at step > 0, return every layer's prediction as
                 auxiliary output instead of only the pre-decoder one.
@@ -194,7 +195,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 self.input_proj.append(nn.Sequential())
 
         self.class_embed = IncrementalClassifier(
-            [1] + self.class_groups, hidden_dim, deep=deep_cls, bias=cls_bias
+            [1] + self.class_groups, hidden_dim, deep=deep_cls, bias=cls_bias, cosine=cosine_cls
         )
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.prompt_mask_embed = nn.ModuleList(
@@ -209,7 +210,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mf, cont = cfg.MODEL.MASK_FORMER, cfg.CONT
         if mf.DEC_LAYERS < 1:
             raise ValueError("MODEL.MASK_FORMER.DEC_LAYERS must be >= 1 (the decoder uses DEC_LAYERS - 1 layers)")
-        class_groups = step_class_groups(cont.BASE_CLS, cont.INC_CLS, cont.TASK)
+        # with a background class (MASK_BG or PER_PIXEL with semantic inference) the base head
+        # has one more output, column 0 = background (order position 0)
+        background = bool((mf.TEST.MASK_BG or mf.PER_PIXEL) and mf.TEST.SEMANTIC_ON)
+        class_groups = step_class_groups(cont.BASE_CLS + int(background), cont.INC_CLS, cont.TASK)
         return {
             "in_channels": in_channels,
             "mask_classification": mask_classification,
@@ -228,6 +232,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "prompt_no_obj_mlp": cont.PROMPT_NO_OBJ_MLP,
             "deep_cls": cont.DEEP_CLS,
             "cls_bias": cont.USE_BIAS,
+            "cosine_cls": cont.COSINE,
             "logit_deltas": parse_logit_deltas(cont.LOGIT_MANI_DELTAS, len(class_groups)),
             "prompt_supervise_all_layers": cont.PROMPT_SUPERVISE_ALL_LAYERS,
         }
@@ -313,6 +318,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         if self.has_prompts:
             return self._forward_prompt_train(memories, mask_features)
         return self._forward_base_train(memories, mask_features)
+
+    def forward_training_layout(self, x: List[Tensor], mask_features: Tensor) -> Dict:
+        """The base queries' predictions in the training layout (``pred_logits``, ``pred_masks``
+        and every layer's ``aux_outputs``) whatever the mode: the frozen teacher of the
+        distillation baselines runs in eval mode but needs them. Only without prompt sets."""
+        if self.has_prompts:
+            raise ValueError("forward_training_layout is for models without prompt sets (CONT.NUM_PROMPTS 0)")
+        return self._forward_base_train(self._prepare_memories(x), mask_features)
 
     def _prepare_memories(self, x: List[Tensor]) -> List[Tuple[Tensor, Tensor, Tuple[int, int]]]:
         """Per level: (tokens [HW, B, C] with level embedding, sine positions [HW, B, C], (H, W))."""
