@@ -28,15 +28,10 @@ class CheckpointMismatchError(ValueError):
 
 def read_model_state(path: str) -> Dict[str, torch.Tensor]:
     """The model entries of a checkpoint file (``.pth`` with or without the ``"model"`` level, or
-    a detectron2 ``.pkl``)."""
-    if path.endswith(".pkl"):
-        import pickle
+    a detectron2 ``.pkl``), read without running code (:mod:`continual.checkpoint_io`)."""
+    from .checkpoint_io import load_checkpoint_file, model_state_of
 
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    state = data.get("model", data) if isinstance(data, dict) else data
+    state = model_state_of(load_checkpoint_file(path), path)
     return {k: torch.as_tensor(v) for k, v in state.items()}
 
 
