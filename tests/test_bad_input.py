@@ -116,3 +116,49 @@ def test_non_finite_loss_stops_with_iteration_and_terms_and_keeps_the_checkpoint
     assert not (step_dir / "model_final.pth").exists()
     saved = torch.load(step_dir / "model_0000001.pth", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("content", ["{\"annotations\": [", "[]", "{}"])
+def test_invalid_panoptic_json_is_named(synthetic_data, content):
+    import mask2former  # noqa: F401
+    from detectron2.data import DatasetCatalog
+
+    json_file = synthetic_data / "synthetic" / "synthetic_panoptic_train.json"
+    json_file.write_text(content)
+    with pytest.raises(ValueError) as err:
+        DatasetCatalog.get("synthetic_panoptic_train")
+    assert str(json_file) in str(err.value) and "Prepare it again" in str(err.value)
+
+
+def test_unreadable_training_image_message_names_the_skip_key(synthetic_data):
+    import mask2former  # noqa: F401
+    from detectron2.data import DatasetCatalog
+
+    from mask2former.data.dataset_mappers import MaskFormerPanopticDatasetMapper
+
+    record = DatasetCatalog.get("synthetic_panoptic_train")[2]
+    from pathlib import Path
+
+    _truncate(Path(record["file_name"]))
+    with pytest.raises(OSError) as err:
+        MaskFormerPanopticDatasetMapper(build_cfg(SYNTHETIC), True)(record)
+    assert Path(record["file_name"]).name in str(err.value) and "DATALOADER.SKIP_UNREADABLE_FILES" in str(err.value)
+
+
+def test_truncated_validation_image_is_named_with_what_to_do(synthetic_data):
+    import mask2former  # noqa: F401
+    from detectron2.data import DatasetCatalog, DatasetMapper
+
+    from continual.data import build_step_test_loader
+    from mask2former.data.dataset_mappers.file_reading import UnreadableFileError
+
+    record = DatasetCatalog.get("synthetic_panoptic_val")[1]
+    from pathlib import Path
+
+    _truncate(Path(record["file_name"]))
+    cfg = build_cfg(SYNTHETIC, ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"])
+    loader = build_step_test_loader(cfg, "synthetic_panoptic_val", DatasetMapper(cfg, False))
+    with pytest.raises(UnreadableFileError) as err:
+        for _ in loader:
+            pass
+    assert Path(record["file_name"]).name in str(err.value) and "--resume" in str(err.value)
