@@ -14,6 +14,7 @@ __all__ = [
     "CheckpointMismatchError",
     "checkpoint_step",
     "check_checkpoint_for_step",
+    "check_backbone_initialisation",
     "new_step_keys",
     "read_model_state",
 ]
@@ -66,9 +67,8 @@ def check_checkpoint_for_step(
     model = getattr(model, "module", model)
     expected = model.state_dict()
     allowed_missing = set(new_step_keys(model, step)) if previous_step and step > 0 else set()
-    head = [k for k in expected if not k.startswith("backbone.")]
-    missing = [k for k in head if k not in state_dict and k not in allowed_missing]
-    unexpected = [k for k in state_dict if k not in expected and k.startswith("sem_seg_head.")]
+    missing = [k for k in expected if k not in state_dict and k not in allowed_missing]
+    unexpected = [k for k in state_dict if k not in expected]
     wrong_shape = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
@@ -88,13 +88,73 @@ def check_checkpoint_for_step(
                      f"the step {step - 1} checkpoint; resume step {step} with --resume, or evaluate it with --eval-only")
     if wrong_shape:
         lines.append(f"  wrong shapes ({len(wrong_shape)}): {wrong_shape[:4]}")
+    backbone_cause = _backbone_cause(state_dict, expected, missing, unexpected, wrong_shape)
+    if backbone_cause:
+        lines.append(f"  {backbone_cause}")
     if ckpt_step is not None and ckpt_step != want:
         fix = (f"start step {ckpt_step + 1} instead (CONT.TASK {ckpt_step + 1})" if previous_step
                else f"evaluate it with CONT.TASK {ckpt_step}")
         lines.append(f"  it holds the class heads of step {ckpt_step}, but step {want} is expected: {fix}, "
                      f"or pass the checkpoint of step {want}.")
+    elif backbone_cause:
+        pass
     elif wrong_shape:
         lines.append("  check CONT.BASE_CLS, CONT.INC_CLS, CONT.NUM_PROMPTS and the model-size keys.")
     elif any(".prompt_" in k for k in missing + unexpected):
         lines.append("  check CONT.NUM_PROMPTS, CONT.PROMPT_DEEP, CONT.PROMPT_MASK_MLP and CONT.PROMPT_NO_OBJ_MLP.")
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def _stage_blocks(keys: Iterable[str]) -> Dict[str, int]:
+    """Blocks per backbone stage (``backbone.res4.5.conv1.weight`` -> res4: 6), Swin layers too."""
+    blocks: Dict[str, set] = {}
+    for k in keys:
+        m = re.match(r"backbone\.(res\d|layers\.\d+\.blocks)\.(\d+)\.", k)
+        if m:
+            blocks.setdefault(m.group(1), set()).add(int(m.group(2)))
+    return {stage: len(b) for stage, b in sorted(blocks.items())}
+
+
+def _backbone_cause(state_dict, expected, missing, unexpected, wrong_shape) -> Optional[str]:
+    """The likely cause when the backbone does not match, or None."""
+    in_backbone = [k for k in missing + unexpected if k.startswith("backbone.")]
+    in_backbone += [s for s in wrong_shape if s.startswith("backbone.")]
+    if not in_backbone:
+        return None
+    fix = ("check MODEL.RESNETS.DEPTH / MODEL.BACKBONE.NAME (and MODEL.SWIN.* for Swin) against the checkpoint, "
+           "or pass a checkpoint of this model")
+    if not any(k.startswith("backbone.") for k in state_dict):
+        return ("the checkpoint is a model without its backbone (no backbone.* key): pass the full checkpoint "
+                "written by train_continual.py (model_final.pth); " + fix)
+    ours, theirs = _stage_blocks(expected), _stage_blocks(state_dict)
+    if ours != theirs:
+        return (f"the backbone has another depth: blocks per stage {theirs} in the checkpoint, {ours} in the "
+                f"model; " + fix)
+    return f"the backbone differs (missing, extra or reshaped backbone.* weights): {fix}"
+
+
+def check_backbone_initialisation(incompatible, source: str) -> None:
+    """After loading an initialisation (step 0 ``MODEL.WEIGHTS``, e.g. an ImageNet backbone) with
+    Detectron2's name matching: the head may be missing, the backbone may not.
+
+    Args:
+        incompatible: the ``_IncompatibleKeys`` of the load (``missing_keys``, ``incorrect_shapes``).
+        source: the checkpoint's path, for the message.
+    """
+    if incompatible is None:
+        return
+    strip = lambda k: k[len("module."):] if k.startswith("module.") else k  # noqa: E731
+    missing = [strip(k) for k in incompatible.missing_keys if strip(k).startswith("backbone.")]
+    shapes = [f"{strip(k)}: checkpoint {tuple(a)} vs model {tuple(b)}"
+              for k, a, b in getattr(incompatible, "incorrect_shapes", []) if strip(k).startswith("backbone.")]
+    if not (missing or shapes):
+        return
+    lines = [f"{source} does not initialise the whole backbone of this model (the head may be missing, the "
+             f"backbone may not: it would train from random blocks):"]
+    if missing:
+        lines.append(f"  missing backbone keys ({len(missing)}): {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    if shapes:
+        lines.append(f"  wrong shapes ({len(shapes)}): {shapes[:4]}")
+    lines.append("  check MODEL.RESNETS.DEPTH / MODEL.BACKBONE.NAME (and MODEL.SWIN.* for Swin) against the "
+                 "checkpoint, or pass MODEL.WEIGHTS \"\" to train from a random initialisation on purpose.")
     raise CheckpointMismatchError("\n".join(lines))

@@ -177,6 +177,14 @@ class SafeCheckpointer(DetectionCheckpointer):
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
         return super()._load_file(filename)
 
+    #: the ``_IncompatibleKeys`` of the last model load (missing / unexpected / reshaped keys)
+    last_incompatible = None
+
+    def _load_model(self, checkpoint: Any):
+        incompatible = super()._load_model(checkpoint)
+        self.last_incompatible = incompatible
+        return incompatible
+
     def _torch_load(self, f: str) -> Dict[str, Any]:
         data = load_checkpoint_file(f)
         model_state_of(data, f)

@@ -4,6 +4,7 @@ Keys and defaults are those of the official ECLIPSE implementation (ECLIPSE_SPEC
 2.3), including the CoMFormer options ECLIPSE does not use, so that official command lines are
 accepted unchanged.
 """
+import contextlib
 import os
 import sys
 
@@ -132,18 +133,39 @@ def _all_keys(node: CN, prefix: str = ""):
             yield full
 
 
+@contextlib.contextmanager
+def _int_accepted_for_float():
+    """While merging, an integer given for a float key (``CONT.DIST.KD_WEIGHT 10``) becomes that
+    float; yacs refuses it otherwise. Every other type mismatch is still refused."""
+    import yacs.config
+
+    check = yacs.config._check_and_coerce_cfg_value_type
+
+    def coerce(replacement, original, key, full_key):
+        if isinstance(original, float) and isinstance(replacement, int) and not isinstance(replacement, bool):
+            return float(replacement)
+        return check(replacement, original, key, full_key)
+
+    yacs.config._check_and_coerce_cfg_value_type = coerce
+    try:
+        yield
+    finally:
+        yacs.config._check_and_coerce_cfg_value_type = check
+
+
 def merge_config(cfg: CN, config_file: str, opts) -> CN:
     """Merge ``config_file`` and the ``KEY VALUE`` list ``opts`` into ``cfg``.
 
     An unknown key stops with a ``KeyError`` that names the key, where it came from and the
-    closest known keys (yacs only says "Non-existent key").
+    closest known keys (yacs only says "Non-existent key"). An integer is accepted for a float key.
     """
     import difflib
 
     for source, merge in ((config_file, lambda: cfg.merge_from_file(config_file)),
                           ("the command line", lambda: cfg.merge_from_list(list(opts)))):
         try:
-            merge()
+            with _int_accepted_for_float():
+                merge()
         except (AssertionError, KeyError) as e:
             text = str(e).strip("'\"")
             if not text.startswith("Non-existent"):

@@ -162,3 +162,27 @@ def test_truncated_validation_image_is_named_with_what_to_do(synthetic_data):
         for _ in loader:
             pass
     assert Path(record["file_name"]).name in str(err.value) and "--resume" in str(err.value)
+
+
+def test_flags_are_accepted_after_the_overrides():
+    from detectron2.engine import default_argument_parser
+
+    from continual.cli import move_flags_first
+
+    parser = default_argument_parser()
+    argv = ["--config-file", "c.yaml", "CONT.TASK", "1", "SOLVER.BASE_LR", "-1e-4", "--resume", "--num-gpus", "2",
+            "--eval-only", "NAME", "x"]
+    args = parser.parse_args(move_flags_first(parser, argv))
+    assert args.resume and args.eval_only and args.num_gpus == 2 and args.config_file == "c.yaml"
+    assert args.opts == ["CONT.TASK", "1", "SOLVER.BASE_LR", "-1e-4", "NAME", "x"]
+
+
+def test_an_int_is_accepted_for_a_float_key():
+    from continual.config import merge_config
+
+    cfg = build_cfg()
+    merge_config(cfg, str(SYNTHETIC), ["CONT.DIST.KD_WEIGHT", "10", "SOLVER.BASE_LR", "1"])
+    assert cfg.CONT.DIST.KD_WEIGHT == 10.0 and isinstance(cfg.CONT.DIST.KD_WEIGHT, float)
+    assert isinstance(cfg.SOLVER.BASE_LR, float)
+    with pytest.raises(ValueError):  # other type mismatches are still refused
+        merge_config(build_cfg(), str(SYNTHETIC), ["CONT.TASK", "1.5"])
