@@ -33,7 +33,17 @@ def read_model_state(path: str) -> Dict[str, torch.Tensor]:
     from .checkpoint_io import load_checkpoint_file, model_state_of
 
     state = model_state_of(load_checkpoint_file(path), path)
-    return {k: torch.as_tensor(v) for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        try:
+            out[k] = torch.as_tensor(v)
+        except (TypeError, ValueError, RuntimeError):
+            from .checkpoint_io import UnreadableCheckpointError
+
+            raise UnreadableCheckpointError(
+                f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor or array; the file is not a model "
+                f"checkpoint: pass the checkpoint written by train_continual.py (model_final.pth)") from None
+    return out
 
 
 def checkpoint_step(keys: Iterable[str]) -> Optional[int]:

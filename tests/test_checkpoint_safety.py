@@ -78,7 +78,7 @@ def test_detectron2_model_zoo_pickles_load_with_the_safe_unpickler(tmp_path, mon
         assert torch.equal(state["stem.conv1.weight"], torch.from_numpy(arrays["stem.conv1.weight"]))
 
 
-@pytest.mark.parametrize("kind", ["empty", "truncated", "text", "list", "tensor"])
+@pytest.mark.parametrize("kind", ["empty", "truncated", "text", "list", "tensor", "strings"])
 def test_damaged_or_foreign_checkpoints_are_named(tmp_path, kind):
     path = tmp_path / "model_final.pth"
     if kind == "empty":
@@ -89,13 +89,15 @@ def test_damaged_or_foreign_checkpoints_are_named(tmp_path, kind):
         torch.save([1, 2, 3], path)
     elif kind == "tensor":
         torch.save(torch.ones(3), path)
+    elif kind == "strings":
+        torch.save({"model": {"a.weight": "not a tensor"}}, path)
     else:
         torch.save({"model": {"w": torch.ones(100, 100)}}, path)
         path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(UnreadableCheckpointError) as err:
         read_model_state(str(path))
     assert str(path) in str(err.value)
-    assert not checkpoint_is_readable(str(path)) or kind in ("list", "tensor")
+    assert not checkpoint_is_readable(str(path)) or kind in ("list", "tensor", "strings")
 
 
 def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
