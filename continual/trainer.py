@@ -31,7 +31,8 @@ from .io import atomic_write
 from .resume import apply_changed_solver_settings, latest_readable_checkpoint, solver_settings
 from .prompt_tuning import configure_trainable_parameters, initialize_new_step, trainable_parameter_names
 
-__all__ = ["IncrementalTrainer", "previous_step_weights", "build_param_groups", "StepAlreadyFinishedError"]
+__all__ = ["IncrementalTrainer", "previous_step_weights", "build_param_groups", "StepAlreadyFinishedError",
+           "refuse_finished_step"]
 
 logger = logging.getLogger(__name__)
 
