@@ -12,7 +12,6 @@ import os
 import sys
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -21,20 +20,16 @@ import mask2former  # noqa: F401  (registers the model and the datasets)
 from continual.checkpoint import CheckpointMismatchError, check_checkpoint_for_step, read_model_state
 from continual.checkpoint_io import SafeCheckpointer, UnreadableCheckpointError
 from continual.cli import move_flags_first
-from continual.config import add_continual_config, merge_config, setup_continual_names
+from continual.config import setup_cfg, setup_continual_names
 from continual.run_lock import RunLock, RunLockedError
 from continual.trainer import IncrementalTrainer, StepAlreadyFinishedError, refuse_finished_step, write_step_results
-from mask2former.config import add_maskformer2_config
 
 logger = logging.getLogger("train_continual")
 
 
 def build_config(args):
     """Config from the file and the command line, with the derived run names (writes nothing)."""
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)
+    cfg = setup_cfg(args.config_file, args.opts)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         cfg.MODEL.DEVICE = "cpu"
     setup_continual_names(cfg)
@@ -60,7 +55,7 @@ def setup(args):
 
 def _init_wandb(cfg):
     try:
-        import wandb
+        import wandb  # optional dependency, only for WANDB True
     except ImportError as e:
         raise SystemExit("WANDB True needs the `wandb` package (pip install wandb), or pass WANDB False") from e
     wandb.init(project="eclipse-d2", name=f"{cfg.TASK_NAME}/{cfg.NAME}/step{cfg.CONT.TASK}", config=cfg, sync_tensorboard=True)

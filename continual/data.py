@@ -5,11 +5,15 @@ table from :meth:`continual.scenario.Scenario.label_lut`. The builders select th
 ``CONT.TASK`` for training (:func:`build_step_train_loader`) and use the whole validation set
 for testing (:func:`build_step_test_loader`).
 """
+import itertools
 import logging
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.samplers import TrainingSampler
+from detectron2.utils import comm
 
 from .scenario import IGNORE_LABEL, LUT_SIZE, Scenario, step_index_cache_path
 
@@ -120,9 +124,6 @@ def build_step_train_loader(cfg, mapper: Callable, scenario: Optional[Scenario] 
         the loader of :func:`detectron2.data.build_detection_train_loader` (an infinite stream of
         batches of mapped dicts).
     """
-    from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
-    from detectron2.utils import comm
-
     scenario = scenario or Scenario.from_config(cfg)
     step = cfg.CONT.TASK
     dicts = get_detection_dataset_dicts(
@@ -164,14 +165,10 @@ class ResumableTrainingSampler(torch.utils.data.Sampler):
     one. Set :attr:`start` (indices of this process) before iteration begins."""
 
     def __init__(self, size: int, shuffle: bool = True, seed: Optional[int] = None):
-        from detectron2.data.samplers import TrainingSampler
-
         self._sampler = TrainingSampler(size, shuffle=shuffle, seed=seed)
         self.start = 0
 
     def __iter__(self):
-        import itertools
-
         return itertools.islice(iter(self._sampler), self.start, None)
 
 
@@ -188,8 +185,6 @@ def build_step_test_loader(cfg, dataset_name: str, mapper: Callable, scenario: O
     Returns:
         a :class:`torch.utils.data.DataLoader` with batch size 1.
     """
-    from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
-
     scenario = scenario or Scenario.from_config(cfg, dataset_name)
     dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
     lut = scenario.label_lut(cfg.CONT.TASK, train=False)

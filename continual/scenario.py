@@ -17,7 +17,7 @@ Class ids and contiguous ids
 Dataset dicts carry *contiguous ids*. For ADE20K (and the synthetic set) the two are equal. For
 COCO, Detectron2's contiguous ids are 0-based (person = 0) while the official order "c" is a
 permutation of 1..133. The official code compares them unshifted, so "person" is never trained
-and order entry 133 never occurs (ECLIPSE_SPEC.md 1.10). That is the default here; with
+and order entry 133 never occurs (docs/official_behaviours.md#coco-ids). That is the default here; with
 ``CONT.COCO_CORRECT_IDS True`` the contiguous ids of a 0-based dataset are shifted by +1 so that
 order entry ``k`` means COCO category ``k`` (class id = contiguous id + :attr:`id_offset`).
 
@@ -43,7 +43,11 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
+from detectron2.data import MetadataCatalog
+from detectron2.utils.file_io import PathManager
+from PIL import Image
 
+from .config import task_name
 from .io import atomic_write
 
 __all__ = [
@@ -460,8 +464,6 @@ def _increments(num_classes: int, base: int, inc: int) -> List[int]:
 def _cfg_task_name(cfg) -> str:
     if cfg.get("TASK_NAME"):
         return cfg.TASK_NAME
-    from .config import task_name
-
     return task_name(cfg)
 
 
@@ -472,8 +474,6 @@ def dataset_uses_zero_based_ids(dataset_name: str) -> bool:
     (0-based iff contiguous 0 comes from a dataset id other than 0), else from the name
     (``coco*``).
     """
-    from detectron2.data import MetadataCatalog
-
     meta = MetadataCatalog.get(dataset_name)
     mapping = {}
     for key in ("thing_dataset_id_to_contiguous_id", "stuff_dataset_id_to_contiguous_id"):
@@ -577,9 +577,6 @@ def _unique_ids(ids: Iterable[int]) -> np.ndarray:
 
 
 def _png_unique_values(path: str) -> np.ndarray:
-    from detectron2.utils.file_io import PathManager
-    from PIL import Image
-
     with PathManager.open(path, "rb") as f:
         array = np.asarray(Image.open(f))
     if array.dtype == np.uint8:

@@ -16,17 +16,24 @@ from typing import Any, Dict, List
 
 import numpy as np
 import torch
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import DatasetEvaluators
+from detectron2.modeling import build_model as build_detectron2_model
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mask2former.data.dataset_mappers import build_train_mapper
+
 from .checkpoint import check_backbone_initialisation, check_checkpoint_for_step, read_model_state
 from .checkpoint_io import SafeCheckpointer, UnreadableCheckpointError, checkpoint_is_readable
+from .config import step_output_dir
+from .data import build_step_test_loader, build_step_train_loader
+from .evaluation import ContinualPanopticEvaluator, ContinualSemSegEvaluator
+from .evaluation.results import write_metrics_json, write_official_results
 from .io import atomic_write
 from .resume import apply_changed_solver_settings, latest_readable_checkpoint, solver_settings
 from .prompt_tuning import configure_trainable_parameters, initialize_new_step, trainable_parameter_names
@@ -68,8 +75,6 @@ def refuse_finished_step(output_dir: str, step: int, overwrite: bool) -> None:
 def previous_step_weights(cfg) -> str:
     """``OUTPUT_ROOT/TASK_NAME/NAME/step<t-1>/model_final.pth``: what step ``t`` starts from
     when ``CONT.WEIGHTS`` is not set."""
-    from .config import step_output_dir
-
     return os.path.join(
         step_output_dir(cfg.OUTPUT_ROOT, cfg.TASK_NAME, cfg.NAME, cfg.CONT.TASK - 1), "model_final.pth"
     )
@@ -117,6 +122,23 @@ def _with_full_model_clipping(optim_cls, clip_norm: float, norm_type: float):
     return FullModelClipping
 
 
+# ------------------------------------------------------------------ Detectron2 internals
+# The only private Detectron2 attributes this package touches, each behind one function.
+
+
+def _replace_data_stream(trainer: SimpleTrainer, stream) -> None:
+    """Make ``trainer`` read its batches from ``stream``. SimpleTrainer creates its iterator
+    lazily in the private ``_data_loader_iter_obj`` and has no public setter; a resumed step
+    needs its own stream to restore torch's RNG after the loader has drawn its seed."""
+    trainer._data_loader_iter_obj = stream
+
+
+def _last_eval_results(trainer: DefaultTrainer):
+    """The results of the last evaluation: DefaultTrainer keeps them in the private
+    ``_last_eval_results`` and returns them from ``train()`` only with ``TEST.EXPECTED_RESULTS``."""
+    return getattr(trainer, "_last_eval_results", None)
+
+
 class IncrementalTrainer(DefaultTrainer):
     """Trains and evaluates one step ``CONT.TASK`` of a continual scenario."""
 
@@ -159,10 +181,8 @@ class IncrementalTrainer(DefaultTrainer):
     # ------------------------------------------------------------------ builders
     @classmethod
     def build_model(cls, cfg) -> nn.Module:
-        """The model of step ``CONT.TASK`` with the step's trainable set (spec 1.8)."""
-        from detectron2.modeling import build_model
-
-        model = build_model(cfg)
+        """The model of step ``CONT.TASK`` with the step's trainable set (docs/design.md#per-step-modules)."""
+        model = build_detectron2_model(cfg)
         configure_trainable_parameters(model, cfg)
         names = trainable_parameter_names(model)
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -193,31 +213,22 @@ class IncrementalTrainer(DefaultTrainer):
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
-        # handles WarmupPolyLR (ADE) and falls back to detectron2's schedulers (COCO)
+        # handles WarmupPolyLR (ADE) and falls back to detectron2's schedulers (COCO). Imported
+        # here: detectron2.projects is optional in a Detectron2 install and only training needs it.
         from detectron2.projects.deeplab import build_lr_scheduler
 
         return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from mask2former.data.dataset_mappers import build_train_mapper
-
-        from .data import build_step_train_loader
-
         return build_step_train_loader(cfg, build_train_mapper(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        from detectron2.data import DatasetMapper
-
-        from .data import build_step_test_loader
-
         return build_step_test_loader(cfg, dataset_name, DatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        from .evaluation import ContinualPanopticEvaluator, ContinualSemSegEvaluator
-
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         kind = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         test = cfg.MODEL.MASK_FORMER.TEST
@@ -319,7 +330,7 @@ class IncrementalTrainer(DefaultTrainer):
             yield first
             yield from batches
 
-        self._trainer._data_loader_iter_obj = resumed_stream()
+        _replace_data_stream(self._trainer, resumed_stream())
 
     def state_dict(self):
         state = super().state_dict()
@@ -374,7 +385,7 @@ class IncrementalTrainer(DefaultTrainer):
                      f"with a lower SOLVER.BASE_LR (now {lr:g}), or check the data.")
             raise FloatingPointError(f"{e}\nStep {self.cfg.CONT.TASK} stopped. {where}") from e
         if comm.is_main_process():
-            results = results or getattr(self, "_last_eval_results", None)
+            results = results or _last_eval_results(self)
             if results:
                 write_step_results(self.cfg, results, train=True)
         return results
@@ -384,9 +395,6 @@ def write_step_results(cfg, results: Dict, train: bool) -> None:
     """Write the results of one step: ``OUTPUT_DIR/eval_results.json``, the run's
     ``metrics.json`` (every step), and after training the official CSV rows in
     ``CONT.RESULTS_DIR/<TASK_NAME>.csv``."""
-    from .config import step_output_dir
-    from .evaluation.results import write_metrics_json, write_official_results
-
     with atomic_write(os.path.join(cfg.OUTPUT_DIR, "eval_results.json")) as f:
         json.dump(_to_builtin(results), f, indent=2)
     run_dir = step_output_dir(cfg.OUTPUT_ROOT, cfg.TASK_NAME, cfg.NAME, cfg.CONT.TASK)

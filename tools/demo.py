@@ -42,6 +42,21 @@ if REPO_ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.data.catalog import Metadata  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import mask2former  # noqa: E402,F401  (registers the model and the datasets' metadata)
+from continual.checkpoint import CheckpointMismatchError, check_checkpoint_for_step, read_model_state  # noqa: E402
+from continual.checkpoint_io import SafeCheckpointer  # noqa: E402
+from continual.config import setup_cfg as build_config  # noqa: E402
+from continual.io import atomic_write  # noqa: E402
+from continual.scenario import Scenario  # noqa: E402
+from mask2former.data.dataset_mappers.file_reading import read_image_file  # noqa: E402
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -99,17 +114,7 @@ def setup_cfg(config_file: str, opts: Sequence[str] = (), mode: Optional[str] = 
     ``mode`` None keeps the config's outputs (panoptic if ``PANOPTIC_ON``, else semantic).
     Returns ``(cfg, mode)``.
     """
-    from detectron2.config import get_cfg
-
-    import mask2former  # noqa: F401  (registers the model and the datasets' metadata)
-    from continual.config import add_continual_config
-    from mask2former.config import add_maskformer2_config
-
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = build_config(config_file, opts)
     test = cfg.MODEL.MASK_FORMER.TEST
     if mode is None:
         mode = "panoptic" if test.PANOPTIC_ON else "semantic"
@@ -142,8 +147,6 @@ class ClassTable:
     def metadata(self, name: str = "eclipse_demo"):
         """A detectron2 ``Metadata`` whose class index is the order position (not registered in
         the global catalog), for the Visualizer."""
-        from detectron2.data.catalog import Metadata
-
         return Metadata(name=name).set(
             thing_classes=list(self.names), thing_colors=[list(c) for c in self.colors],
             stuff_classes=list(self.names), stuff_colors=[list(c) for c in self.colors],
@@ -171,10 +174,6 @@ def class_table(cfg, palette: str = "dataset") -> ClassTable:
     the scenario's id offset (1 only for COCO with ``CONT.COCO_CORRECT_IDS``). ``stuff_classes``
     of the ADE20K, COCO and synthetic metadata list every class by contiguous id.
     """
-    from detectron2.data import MetadataCatalog
-
-    from continual.scenario import Scenario
-
     dataset = cfg.DATASETS.TEST[0]
     meta = MetadataCatalog.get(dataset)
     scenario = Scenario.from_config(cfg, dataset)
@@ -246,12 +245,6 @@ class Predictor:
     """
 
     def __init__(self, cfg, weights: str):
-        from detectron2.data import transforms as T
-        from detectron2.modeling import build_model
-
-        from continual.checkpoint import check_checkpoint_for_step, read_model_state
-        from continual.checkpoint_io import SafeCheckpointer
-
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"checkpoint {weights!r} does not exist")
         self.cfg = cfg
@@ -304,8 +297,6 @@ def _auto_scale(image: np.ndarray, scale: Optional[float]) -> float:
 def draw_panoptic(image_rgb: np.ndarray, panoptic_seg, segments_info, classes: ClassTable,
                   scale: Optional[float] = None) -> np.ndarray:
     """The panoptic prediction (segment ``category_id`` = order position) drawn over the image."""
-    from detectron2.utils.visualizer import ColorMode, Visualizer
-
     seg = panoptic_seg.cpu() if hasattr(panoptic_seg, "cpu") else torch.as_tensor(np.asarray(panoptic_seg))
     vis = Visualizer(image_rgb, classes.metadata(), scale=_auto_scale(image_rgb, scale),
                      instance_mode=ColorMode.IMAGE)
@@ -317,8 +308,6 @@ def draw_panoptic(image_rgb: np.ndarray, panoptic_seg, segments_info, classes: C
 def draw_semantic(image_rgb: np.ndarray, labels: np.ndarray, classes: ClassTable,
                   scale: Optional[float] = None) -> np.ndarray:
     """A semantic map of order positions (0 = no class, not drawn) drawn over the image."""
-    from detectron2.utils.visualizer import ColorMode, Visualizer
-
     shown = np.where(labels > 0, labels, _NOT_DRAWN)
     vis = Visualizer(image_rgb, classes.metadata(), scale=_auto_scale(image_rgb, scale),
                      instance_mode=ColorMode.IMAGE)
@@ -344,9 +333,6 @@ def run_on_images(predictor: Predictor, classes: ClassTable, files: Sequence[str
     is logged and skipped: its record holds only ``"file_name"`` and ``"error"`` (nothing is
     written for it) and the other images are still predicted.
     """
-    from continual.io import atomic_write
-    from mask2former.data.dataset_mappers.file_reading import read_image_file
-
     os.makedirs(output, exist_ok=True)
     records = []
     for path, stem in zip(files, _unique_stems(files)):
@@ -381,19 +367,11 @@ def run_on_images(predictor: Predictor, classes: ClassTable, files: Sequence[str
 
 
 def _save_png(array: np.ndarray, path: str) -> None:
-    from PIL import Image
-
-    from continual.io import atomic_write
-
     with atomic_write(path, binary=True) as f:
         Image.fromarray(array).save(f, format="PNG")
 
 
 def main(argv=None) -> int:
-    from detectron2.utils.logger import setup_logger
-
-    from continual.checkpoint import CheckpointMismatchError
-
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     setup_logger(name="demo", abbrev_name="demo")

@@ -52,6 +52,19 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # before pyplot: files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from panopticapi.utils import rgb2id  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+import demo  # noqa: E402  (tools/demo.py)
+from continual.evaluation.results import read_metrics_json  # noqa: E402
 
 SCRIPT = os.path.join(REPO_ROOT, "script", "synthetic", "6_2.sh")
 GENERATOR = os.path.join(REPO_ROOT, "datasets", "generate_synthetic.py")
@@ -173,11 +186,6 @@ def acceptance_checks(table: Mapping[int, Mapping]) -> List[Dict]:
 
 def plot_pq(table: Mapping[int, Mapping], path: str, title: str = "Synthetic 6-2: PQ across steps") -> str:
     """Plot PQ base / new / all across steps (ECLIPSE solid, fine-tuning dashed) into ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = sorted(table)
     colors = {"base": "tab:blue", "new": "tab:orange", "all": "tab:green"}
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
@@ -211,8 +219,6 @@ def summarize(eclipse_metrics: str, finetune_metrics: Optional[str], output: str
     """Read the runs' ``metrics.json`` files and write ``summary.md``, ``summary.json`` and
     ``pq_across_steps.png`` into ``output``. Returns the summary (``table``, ``checks``,
     ``markdown``, ``plot``)."""
-    from continual.evaluation.results import read_metrics_json
-
     eclipse = method_pq(read_metrics_json(eclipse_metrics))
     finetune = method_pq(read_metrics_json(finetune_metrics)) if finetune_metrics else None
     table = combine_methods(eclipse, finetune)
@@ -422,10 +428,6 @@ def _validation_json(data_root: str) -> Dict:
 
 def _ground_truth(data_root: str, annotation: Mapping):
     """The ground-truth panoptic id map of one validation annotation of the synthetic set."""
-    import numpy as np
-    from panopticapi.utils import rgb2id
-    from PIL import Image
-
     path = os.path.join(data_root, "synthetic", "synthetic_panoptic_val", annotation["file_name"])
     return rgb2id(np.asarray(Image.open(path).convert("RGB")))
 
@@ -450,13 +452,6 @@ def draw_overlays(runs: Mapping[str, Tuple[str, str, str, List[str]]], images: S
     """Overlays of each model (``runs``: label -> (folder, config.yaml, checkpoint, overrides))
     with tools/demo.py into ``output/<folder>``, plus ``output/compare_<image>.png``: image |
     ground truth | one column per model."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageDraw
-
-    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-    import demo
-
     torch.set_num_threads(threads)
     panels: Dict[str, List[np.ndarray]] = {}
     classes = None
