@@ -109,13 +109,8 @@ def apply_changed_solver_settings(optimizer, scheduler, before: Dict[str, Any]) 
     if "base_lrs" in new_sched:
         for group, lr in zip(optimizer.param_groups, scheduler.base_lrs):
             group["initial_lr"] = lr
-    # the learning rate of the resumed iteration under the (new) schedule
-    scheduler._get_lr_called_within_step = True
-    try:
-        lrs = scheduler.get_lr()
-    finally:
-        scheduler._get_lr_called_within_step = False
-    for group, lr in zip(optimizer.param_groups, lrs):
+    # the learning rate of the resumed iteration under the (new) schedule (the schedulers of
+    # Detectron2 compute it from base_lrs and last_epoch; the next scheduler step moves on from it)
+    for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
         group["lr"] = lr
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
     return changes
