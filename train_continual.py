@@ -9,24 +9,27 @@ continue an interrupted step and ``--eval-only`` to evaluate ``CONT.WEIGHTS`` (o
 """
 import logging
 import os
+import sys
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import mask2former  # noqa: F401  (registers the model and the datasets)
-from continual.checkpoint import check_checkpoint_for_step, read_model_state
+from continual.checkpoint import CheckpointMismatchError, check_checkpoint_for_step, read_model_state
+from continual.checkpoint_io import SafeCheckpointer, UnreadableCheckpointError
+from continual.cli import move_flags_first
 from continual.compat import check_continual_keys
 from continual.config import setup_cfg, setup_continual_names
-from continual.trainer import IncrementalTrainer, write_step_results
+from continual.run_lock import RunLock, RunLockedError
+from continual.trainer import IncrementalTrainer, StepAlreadyFinishedError, refuse_finished_step, write_step_results
 
 logger = logging.getLogger("train_continual")
 
 
-def setup(args):
-    """Config from the file and the command line, with the derived run names."""
+def build_config(args):
+    """Config from the file and the command line, with the derived run names (writes nothing)."""
     cfg = setup_cfg(args.config_file, args.opts)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         cfg.MODEL.DEVICE = "cpu"
@@ -38,6 +41,12 @@ def setup(args):
         if cfg.CONT.WEIGHTS:
             cfg.MODEL.WEIGHTS = cfg.CONT.WEIGHTS
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    """The run's config; writes its ``config.yaml`` and log into ``OUTPUT_DIR``."""
+    cfg = build_config(args)
     default_setup(cfg, args)
     for name in ("continual", "mask2former", "train_continual"):
         setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name=name, abbrev_name=name[:4])
@@ -61,7 +70,7 @@ def evaluate(cfg):
     if not weights or not os.path.isfile(weights):
         raise FileNotFoundError(f"--eval-only needs a checkpoint: CONT.WEIGHTS / MODEL.WEIGHTS {weights!r} does not exist")
     check_checkpoint_for_step(read_model_state(weights), model, cfg.CONT.TASK, previous_step=False, source=weights)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(weights, resume=False)
+    SafeCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(weights, resume=False)
     results = IncrementalTrainer.test(cfg, model)
     if comm.is_main_process():
         write_step_results(cfg, results, train=False)
@@ -77,8 +86,29 @@ def main(args):
     return trainer.train()
 
 
-if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+def run(argv=None) -> int:
+    """Parse the command line (flags anywhere), refuse a finished step before anything is
+    written, hold the step folder's lock (one run per folder) and launch the run."""
+    parser = default_argument_parser()
+    args = parser.parse_args(move_flags_first(parser, sys.argv[1:] if argv is None else argv))
     print("Command line arguments:", args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    try:
+        cfg = build_config(args)
+        if not args.eval_only and not args.resume and args.machine_rank == 0:
+            refuse_finished_step(cfg.OUTPUT_DIR, cfg.CONT.TASK, cfg.CONT.OVERWRITE)
+        lock = RunLock(cfg.OUTPUT_DIR).acquire() if args.machine_rank == 0 else None
+    except (StepAlreadyFinishedError, RunLockedError, UnreadableCheckpointError, CheckpointMismatchError,
+            FileNotFoundError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    finally:
+        if lock is not None:
+            lock.release()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

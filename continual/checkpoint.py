@@ -4,7 +4,6 @@ The official code loads checkpoints non-strictly, so a checkpoint of the wrong s
 leaves prompt sets at their random initialisation. Here every mismatch stops with the keys
 involved and the probable fix.
 """
-import pickle
 import re
 from typing import Dict, Iterable, List, Optional
 
@@ -15,10 +14,12 @@ __all__ = [
     "CheckpointMismatchError",
     "checkpoint_step",
     "check_checkpoint_for_step",
+    "check_backbone_initialisation",
     "new_step_keys",
     "read_model_state",
 ]
 
+from .checkpoint_io import UnreadableCheckpointError, load_checkpoint_file, model_state_of
 from .prompt_tuning import get_predictor, predictor_prefix
 
 
@@ -28,14 +29,17 @@ class CheckpointMismatchError(ValueError):
 
 def read_model_state(path: str) -> Dict[str, torch.Tensor]:
     """The model entries of a checkpoint file (``.pth`` with or without the ``"model"`` level, or
-    a detectron2 ``.pkl``)."""
-    if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            data = pickle.load(f, encoding="latin1")
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=False)
-    state = data.get("model", data) if isinstance(data, dict) else data
-    return {k: torch.as_tensor(v) for k, v in state.items()}
+    a detectron2 ``.pkl``), read without running code (:mod:`continual.checkpoint_io`)."""
+    state = model_state_of(load_checkpoint_file(path), path)
+    out = {}
+    for k, v in state.items():
+        try:
+            out[k] = torch.as_tensor(v)
+        except (TypeError, ValueError, RuntimeError):
+            raise UnreadableCheckpointError(
+                f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor or array; the file is not a model "
+                f"checkpoint: pass the checkpoint written by train_continual.py (model_final.pth)") from None
+    return out
 
 
 def checkpoint_step(keys: Iterable[str]) -> Optional[int]:
@@ -70,9 +74,8 @@ def check_checkpoint_for_step(
     model = getattr(model, "module", model)
     expected = model.state_dict()
     allowed_missing = set(new_step_keys(model, step)) if previous_step and step > 0 else set()
-    head = [k for k in expected if not k.startswith("backbone.")]
-    missing = [k for k in head if k not in state_dict and k not in allowed_missing]
-    unexpected = [k for k in state_dict if k not in expected and k.startswith("sem_seg_head.")]
+    missing = [k for k in expected if k not in state_dict and k not in allowed_missing]
+    unexpected = [k for k in state_dict if k not in expected]
     wrong_shape = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
@@ -92,13 +95,73 @@ def check_checkpoint_for_step(
                      f"the step {step - 1} checkpoint; resume step {step} with --resume, or evaluate it with --eval-only")
     if wrong_shape:
         lines.append(f"  wrong shapes ({len(wrong_shape)}): {wrong_shape[:4]}")
+    backbone_cause = _backbone_cause(state_dict, expected, missing, unexpected, wrong_shape)
+    if backbone_cause:
+        lines.append(f"  {backbone_cause}")
     if ckpt_step is not None and ckpt_step != want:
         fix = (f"start step {ckpt_step + 1} instead (CONT.TASK {ckpt_step + 1})" if previous_step
                else f"evaluate it with CONT.TASK {ckpt_step}")
         lines.append(f"  it holds the class heads of step {ckpt_step}, but step {want} is expected: {fix}, "
                      f"or pass the checkpoint of step {want}.")
+    elif backbone_cause:
+        pass
     elif wrong_shape:
         lines.append("  check CONT.BASE_CLS, CONT.INC_CLS, CONT.NUM_PROMPTS and the model-size keys.")
     elif any(".prompt_" in k for k in missing + unexpected):
         lines.append("  check CONT.NUM_PROMPTS, CONT.PROMPT_DEEP, CONT.PROMPT_MASK_MLP and CONT.PROMPT_NO_OBJ_MLP.")
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def _stage_blocks(keys: Iterable[str]) -> Dict[str, int]:
+    """Blocks per backbone stage (``backbone.res4.5.conv1.weight`` -> res4: 6), Swin layers too."""
+    blocks: Dict[str, set] = {}
+    for k in keys:
+        m = re.match(r"backbone\.(res\d|layers\.\d+\.blocks)\.(\d+)\.", k)
+        if m:
+            blocks.setdefault(m.group(1), set()).add(int(m.group(2)))
+    return {stage: len(b) for stage, b in sorted(blocks.items())}
+
+
+def _backbone_cause(state_dict, expected, missing, unexpected, wrong_shape) -> Optional[str]:
+    """The likely cause when the backbone does not match, or None."""
+    in_backbone = [k for k in missing + unexpected if k.startswith("backbone.")]
+    in_backbone += [s for s in wrong_shape if s.startswith("backbone.")]
+    if not in_backbone:
+        return None
+    fix = ("check MODEL.RESNETS.DEPTH / MODEL.BACKBONE.NAME (and MODEL.SWIN.* for Swin) against the checkpoint, "
+           "or pass a checkpoint of this model")
+    if not any(k.startswith("backbone.") for k in state_dict):
+        return ("the checkpoint is a model without its backbone (no backbone.* key): pass the full checkpoint "
+                "written by train_continual.py (model_final.pth); " + fix)
+    ours, theirs = _stage_blocks(expected), _stage_blocks(state_dict)
+    if ours != theirs:
+        return (f"the backbone has another depth: blocks per stage {theirs} in the checkpoint, {ours} in the "
+                f"model; " + fix)
+    return f"the backbone differs (missing, extra or reshaped backbone.* weights): {fix}"
+
+
+def check_backbone_initialisation(incompatible, source: str) -> None:
+    """After loading an initialisation (step 0 ``MODEL.WEIGHTS``, e.g. an ImageNet backbone) with
+    Detectron2's name matching: the head may be missing, the backbone may not.
+
+    Args:
+        incompatible: the ``_IncompatibleKeys`` of the load (``missing_keys``, ``incorrect_shapes``).
+        source: the checkpoint's path, for the message.
+    """
+    if incompatible is None:
+        return
+    strip = lambda k: k[len("module."):] if k.startswith("module.") else k  # noqa: E731
+    missing = [strip(k) for k in incompatible.missing_keys if strip(k).startswith("backbone.")]
+    shapes = [f"{strip(k)}: checkpoint {tuple(a)} vs model {tuple(b)}"
+              for k, a, b in getattr(incompatible, "incorrect_shapes", []) if strip(k).startswith("backbone.")]
+    if not (missing or shapes):
+        return
+    lines = [f"{source} does not initialise the whole backbone of this model (the head may be missing, the "
+             f"backbone may not: it would train from random blocks):"]
+    if missing:
+        lines.append(f"  missing backbone keys ({len(missing)}): {missing[:6]}{' ...' if len(missing) > 6 else ''}")
+    if shapes:
+        lines.append(f"  wrong shapes ({len(shapes)}): {shapes[:4]}")
+    lines.append("  check MODEL.RESNETS.DEPTH / MODEL.BACKBONE.NAME (and MODEL.SWIN.* for Swin) against the "
+                 "checkpoint, or pass MODEL.WEIGHTS \"\" to train from a random initialisation on purpose.")
     raise CheckpointMismatchError("\n".join(lines))

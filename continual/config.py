@@ -7,11 +7,13 @@ defines for the network. Keys and defaults are those of the official ECLIPSE imp
 official command lines are accepted unchanged.
 """
 import argparse
+import contextlib
 import difflib
 import os
 import sys
 from typing import Optional, Sequence
 
+import yacs.config
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -116,18 +118,37 @@ def _all_keys(node: CN, prefix: str = ""):
             yield full
 
 
+@contextlib.contextmanager
+def _int_accepted_for_float():
+    """While merging, an integer given for a float key (``CONT.DIST.KD_WEIGHT 10``) becomes that
+    float; yacs refuses it otherwise. Every other type mismatch is still refused."""
+    check = yacs.config._check_and_coerce_cfg_value_type
+
+    def coerce(replacement, original, key, full_key):
+        if isinstance(original, float) and isinstance(replacement, int) and not isinstance(replacement, bool):
+            return float(replacement)
+        return check(replacement, original, key, full_key)
+
+    yacs.config._check_and_coerce_cfg_value_type = coerce
+    try:
+        yield
+    finally:
+        yacs.config._check_and_coerce_cfg_value_type = check
+
+
 def merge_config(cfg: CN, config_file: Optional[str], opts) -> CN:
     """Merge ``config_file`` (None: none) and the ``KEY VALUE`` list ``opts`` into ``cfg``.
 
     An unknown key stops with a ``KeyError`` that names the key, where it came from and the
-    closest known keys (yacs only says "Non-existent key").
+    closest known keys (yacs only says "Non-existent key"). An integer is accepted for a float key.
     """
     steps = [("the command line", lambda: cfg.merge_from_list(list(opts)))]
     if config_file is not None:
         steps.insert(0, (config_file, lambda: cfg.merge_from_file(config_file)))
     for source, merge in steps:
         try:
-            merge()
+            with _int_accepted_for_float():
+                merge()
         except (AssertionError, KeyError) as e:
             text = str(e).strip("'\"")
             if not text.startswith("Non-existent"):

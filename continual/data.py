@@ -222,5 +222,37 @@ def build_step_test_loader(cfg, dataset_name: str, mapper: Callable, scenario: O
     dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
     lut = scenario.label_lut(cfg.CONT.TASK, train=False)
     return build_detection_test_loader(
-        dicts, mapper=ContinualMapper(mapper, lut), num_workers=cfg.DATALOADER.NUM_WORKERS
+        dicts, mapper=ContinualMapper(_FileNamingMapper(mapper, dataset_name), lut),
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
     )
+
+
+class _FileNamingMapper:
+    """Runs a test mapper; a file it cannot read raises ``UnreadableFileError`` naming the file
+    (Detectron2's ``read_image`` errors do not), with what to do."""
+
+    def __init__(self, base_mapper: Callable, dataset_name: str):
+        self.base_mapper = base_mapper
+        self.dataset_name = dataset_name
+
+    @property
+    def is_train(self):
+        return getattr(self.base_mapper, "is_train", None)
+
+    def __call__(self, dataset_dict: dict):
+        import zlib
+
+        from mask2former.data.dataset_mappers.file_reading import UnreadableFileError
+
+        try:
+            return self.base_mapper(dataset_dict)
+        except UnreadableFileError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as e:
+            path = getattr(e, "filename", None) or dataset_dict.get("file_name", "<unknown>")
+            raise UnreadableFileError(
+                path, f"validation image (or its annotation) of {self.dataset_name}", f"{type(e).__name__}: {e}",
+                hint="The evaluation needs every validation image: replace the file with an intact copy, then "
+                     "rerun the same command with --resume (a trained step keeps its weights and is only "
+                     "evaluated again) or --eval-only.",
+            ) from e

@@ -306,7 +306,11 @@ class Scenario:
 
         The membership matrix comes from, in this order:
 
-        1. ``cache_path`` if it exists (checked against the dataset size and the step count);
+        1. ``cache_path`` if it exists (checked against the dataset size and the step count) and
+           its record ``<cache_path>.source.json`` (written with it) shows it was computed from
+           the same scenario and annotations (:meth:`membership_fingerprint`); otherwise the
+           membership is recomputed with a warning. A cache without a record (e.g. an official
+           one) is used as it is;
         2. the shipped ADE20K-semantic partition named :attr:`name`, if any and
            ``use_shipped_split``; it is then written to ``cache_path``;
         3. :meth:`membership`, then written to ``cache_path`` (atomically).
@@ -317,9 +321,28 @@ class Scenario:
         step = self._check_step(step)
         expected = (len(dataset_dicts), self.num_steps)
         matrix = None
+        fingerprint = None
+        if cache_path is not None:
+            fingerprint = self.membership_fingerprint(dataset_dicts)
         if cache_path is not None and os.path.exists(cache_path):
-            matrix = _load_matrix(cache_path, expected, self._describe_scenario())
-            logger.info("Loaded the step membership of %s from %s", self._describe_scenario(), cache_path)
+            recorded = _read_cache_source(cache_path)
+            if recorded is not None and recorded.get("fingerprint") != fingerprint:
+                logger.warning(
+                    "The step-index cache %s was computed from other data or another scenario than this "
+                    "run's (%s; recorded: %s images, %s): the annotations changed since. Recomputing it.",
+                    cache_path, self._describe_scenario(), recorded.get("num_images", "?"),
+                    recorded.get("scenario", "?"),
+                )
+            else:
+                matrix = _load_matrix(cache_path, expected, self._describe_scenario())
+                if recorded is None:
+                    logger.info(
+                        "Loaded the step membership of %s from %s, which has no record of the data it was "
+                        "computed from (%s); if the annotations changed since, delete it to recompute it.",
+                        self._describe_scenario(), cache_path, _source_path(cache_path),
+                    )
+                else:
+                    logger.info("Loaded the step membership of %s from %s", self._describe_scenario(), cache_path)
         if matrix is None and use_shipped_split and self.name and self.id_offset == 0:
             split = shipped_split_path(self.name)
             if split is not None:
@@ -334,7 +357,7 @@ class Scenario:
                     )
                 logger.info("Using the shipped step partition %s for %s", split, self.name)
                 if cache_path is not None:
-                    _save_atomic(cache_path, matrix)
+                    _save_atomic(cache_path, matrix, self._cache_source(fingerprint, len(dataset_dicts)))
         if matrix is None:
             logger.info(
                 "Computing the step membership of %d images for %s (can take minutes)",
@@ -342,8 +365,37 @@ class Scenario:
             )
             matrix = self.membership(dataset_dicts, num_workers=num_workers)
             if cache_path is not None:
-                _save_atomic(cache_path, matrix)
+                _save_atomic(cache_path, matrix, self._cache_source(fingerprint, len(dataset_dicts)))
         return np.flatnonzero(matrix[:, step] == 1).astype(np.int64)
+
+    def membership_fingerprint(self, dataset_dicts: Sequence[dict]) -> str:
+        """A hash of what :meth:`membership` is computed from: the scenario (order, split, mode,
+        id offset) and, per image in order, its file name and its labels (the ``category_id`` of
+        ``segments_info`` / ``annotations``, or the size and modification time of its
+        ``sem_seg_file_name``). Any change to the annotations changes it."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(repr((self.order, self.increments, self.mode, self.id_offset, len(dataset_dicts))).encode())
+        for d in dataset_dicts:
+            if "segments_info" in d:
+                labels = sorted((int(x["category_id"]), int(x.get("iscrowd", 0))) for x in d["segments_info"])
+            elif "sem_seg_file_name" in d:
+                try:
+                    st = os.stat(d["sem_seg_file_name"])
+                    labels = (d["sem_seg_file_name"], st.st_size, st.st_mtime_ns)
+                except OSError:
+                    labels = (d["sem_seg_file_name"], None)
+            elif "annotations" in d:
+                labels = sorted(int(a["category_id"]) for a in d["annotations"])
+            else:
+                labels = None
+            h.update(repr((d.get("file_name"), labels)).encode())
+            h.update(b"\n")
+        return h.hexdigest()
+
+    def _cache_source(self, fingerprint: Optional[str], num_images: int) -> dict:
+        return {"fingerprint": fingerprint, "num_images": num_images, "scenario": self._describe_scenario()}
 
     # ------------------------------------------------------------------ helpers
     def _check_step(self, step: int) -> int:
@@ -558,12 +610,38 @@ def _load_matrix(path: str, expected_shape, scenario_desc: str) -> np.ndarray:
     return matrix
 
 
-def _save_atomic(path: str, array: np.ndarray) -> None:
-    """``np.save`` through a temporary file in the same folder and ``os.replace``; a cache that
-    cannot be written is only a warning (the membership is recomputed next time)."""
+def _source_path(cache_path: str) -> str:
+    """``<cache>.source.json``: what a step-index cache was computed from."""
+    return cache_path + ".source.json"
+
+
+def _read_cache_source(cache_path: str) -> Optional[dict]:
+    import json
+
     try:
+        with open(_source_path(cache_path)) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # unreadable record: treated as not matching
+    return data if isinstance(data, dict) else {}
+
+
+def _save_atomic(path: str, array: np.ndarray, source: Optional[dict] = None) -> None:
+    """``np.save`` through a temporary file in the same folder and ``os.replace``, then the record
+    of what it was computed from (``source``, if given); a cache that cannot be written is only a
+    warning (the membership is recomputed next time)."""
+    import json
+
+    try:
+        if os.path.exists(_source_path(path)):
+            os.remove(_source_path(path))  # never leave a record that describes another matrix
         with atomic_write(path, binary=True) as f:
             np.save(f, array)
+        if source is not None:
+            with atomic_write(_source_path(path)) as f:
+                json.dump(source, f, indent=1)
     except OSError as e:
         logger.warning("cannot write the step-index cache %s (%s); continuing without it", path, e)
         return

@@ -16,7 +16,6 @@ from typing import Any, Dict, List
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetMapper, MetadataCatalog
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import DatasetEvaluators
@@ -29,7 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mask2former.data.dataset_mappers import build_train_mapper
 
-from .checkpoint import check_checkpoint_for_step, read_model_state
+from .checkpoint import check_backbone_initialisation, check_checkpoint_for_step, read_model_state
+from .checkpoint_io import SafeCheckpointer, UnreadableCheckpointError, checkpoint_is_readable
 from .compat import WeightAligningHook, check_continual_keys
 from .config import step_output_dir
 from .costs import TrainingCostHook
@@ -37,9 +37,12 @@ from .data import build_step_test_loader, build_step_train_loader
 from .distillation import setup_distillation
 from .evaluation import ContinualPanopticEvaluator, ContinualSemSegEvaluator
 from .evaluation.results import write_metrics_json, write_official_results
+from .io import atomic_write
 from .prompt_tuning import configure_trainable_parameters, get_predictor, initialize_new_step, trainable_parameter_names
+from .resume import apply_changed_solver_settings, latest_readable_checkpoint, solver_settings
 
-__all__ = ["IncrementalTrainer", "previous_step_weights", "build_param_groups", "StepAlreadyFinishedError"]
+__all__ = ["IncrementalTrainer", "previous_step_weights", "build_param_groups", "StepAlreadyFinishedError",
+           "refuse_finished_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,25 @@ _NORM_TYPES = (
 
 class StepAlreadyFinishedError(RuntimeError):
     """The output directory already holds the final weights of this step."""
+
+
+def refuse_finished_step(output_dir: str, step: int, overwrite: bool) -> None:
+    """Stop unless step ``step`` may be trained in ``output_dir``: a readable ``model_final.pth``
+    means the step is trained (:class:`StepAlreadyFinishedError`, unless ``overwrite``); an
+    unreadable one is repaired by ``--resume``, never trained over silently."""
+    final = os.path.join(output_dir, "model_final.pth")
+    if not os.path.exists(final) or overwrite:
+        return
+    if not checkpoint_is_readable(final):
+        raise UnreadableCheckpointError(
+            f"{final} exists but cannot be read (empty or truncated, e.g. a run killed while writing it), so "
+            f"step {step} is not finished. Rerun the same command with --resume: it rewrites the file from the "
+            f"last intact checkpoint of {output_dir} (and finishes the step if needed)."
+        )
+    raise StepAlreadyFinishedError(
+        f"{final} exists: step {step} of this run is already trained. Use another NAME or "
+        f"OUTPUT_DIR, evaluate it with --eval-only, or set CONT.OVERWRITE True to train it again."
+    )
 
 
 def previous_step_weights(cfg) -> str:
@@ -140,7 +162,7 @@ class IncrementalTrainer(DefaultTrainer):
             logger.info("SOLVER.AMP.ENABLED is ignored without a GPU: training in float32")
         self._trainer = (AMPTrainer if use_amp else SimpleTrainer)(model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -232,6 +254,7 @@ class IncrementalTrainer(DefaultTrainer):
         for h in hook_list:
             if isinstance(h, hooks.PeriodicCheckpointer):
                 h.max_to_keep = 1
+                self._periodic_checkpointer = h
         # before the checkpointer and evaluation hooks: times the iterations alone, and writes
         # its file before the final evaluation
         hook_list.insert(2, TrainingCostHook(self.cfg.OUTPUT_DIR))
@@ -255,19 +278,32 @@ class IncrementalTrainer(DefaultTrainer):
         setup_distillation(cfg, self.model, self.step_start_weights(cfg))
         final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
         if resume and self.checkpointer.has_checkpoint():
-            path = self.checkpointer.get_checkpoint_file()
+            path = latest_readable_checkpoint(cfg.OUTPUT_DIR, self.checkpointer.get_checkpoint_file())
+            if path is None:
+                raise UnreadableCheckpointError(
+                    f"--resume: no checkpoint in {cfg.OUTPUT_DIR} can be read (all empty or truncated). Start "
+                    f"the step again without --resume after moving the folder aside, or restore a checkpoint."
+                )
             check_checkpoint_for_step(read_model_state(path), self.model, step, previous_step=False, source=path)
-            self.checkpointer.resume_or_load(path, resume=True)
+            before = solver_settings(self.optimizer, self.scheduler)
+            self.checkpointer.load(path)
             self.start_iter = self.iter + 1
+            changed = apply_changed_solver_settings(self.optimizer, self.scheduler, before)
+            if changed:
+                logger.warning(
+                    "The config changes SOLVER settings of %s; they apply from iteration %d on (the schedule "
+                    "continues from the new base values): %s", path, self.start_iter, "; ".join(changed))
+            if self.start_iter >= self.max_iter and not checkpoint_is_readable(final):
+                logger.warning("%s is missing or unreadable: rewriting it from %s", final, path)
+                self.checkpointer.save("model_final", iteration=self.iter)
+            elif os.path.basename(path) != "model_final.pth" and getattr(self, "_periodic_checkpointer", None):
+                # removed like any older periodic checkpoint once a newer one is written
+                self._periodic_checkpointer.recent_checkpoints = [path]
             self._skip_consumed_images(self.start_iter)
             self._continue_random_streams(getattr(self, "_pending_rng", None))
             logger.info(f"resumed step {step} from {path} at iteration {self.start_iter}")
             return
-        if os.path.exists(final) and not cfg.CONT.OVERWRITE:
-            raise StepAlreadyFinishedError(
-                f"{final} exists: step {step} of this run is already trained. Use another NAME or "
-                f"OUTPUT_DIR, evaluate it with --eval-only, or set CONT.OVERWRITE True to train it again."
-            )
+        refuse_finished_step(cfg.OUTPUT_DIR, step, cfg.CONT.OVERWRITE)
         weights = self.step_start_weights(cfg)
         if step > 0:
             if not weights or not os.path.isfile(weights):
@@ -277,6 +313,8 @@ class IncrementalTrainer(DefaultTrainer):
                 )
             check_checkpoint_for_step(read_model_state(weights), self.model, step, previous_step=True, source=weights)
         self.checkpointer.resume_or_load(weights, resume=False)
+        if step == 0 and weights:
+            check_backbone_initialisation(self.checkpointer.last_incompatible, weights)
         if step > 0:
             written = initialize_new_step(self.model)
             logger.info(f"initialised step {step}'s prompts and class head from the base model ({len(written)} tensors)")
@@ -351,9 +389,12 @@ class IncrementalTrainer(DefaultTrainer):
         except FloatingPointError as e:
             # detectron2 stops before the optimizer step, so the weights on disk are intact
             last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else None
-            where = (f"The last good checkpoint is {last}; continue from it with --resume after "
-                     f"lowering SOLVER.BASE_LR or fixing the data." if last else
-                     "No checkpoint of this step was written yet (see SOLVER.CHECKPOINT_PERIOD).")
+            lr = self.cfg.SOLVER.BASE_LR
+            where = (f"The last good checkpoint is {last}. Rerun the same command with --resume and a lower "
+                     f"learning rate, e.g. SOLVER.BASE_LR {lr / 10:g} (now {lr:g}): the resumed run applies it "
+                     f"from the checkpoint's iteration on. Or check the data." if last else
+                     f"No checkpoint of this step was written yet (see SOLVER.CHECKPOINT_PERIOD): train it again "
+                     f"with a lower SOLVER.BASE_LR (now {lr:g}), or check the data.")
             raise FloatingPointError(f"{e}\nStep {self.cfg.CONT.TASK} stopped. {where}") from e
         if comm.is_main_process():
             results = results or _last_eval_results(self)
@@ -366,8 +407,7 @@ def write_step_results(cfg, results: Dict, train: bool) -> None:
     """Write the results of one step: ``OUTPUT_DIR/eval_results.json``, the run's
     ``metrics.json`` (every step), and after training the official CSV rows in
     ``CONT.RESULTS_DIR/<TASK_NAME>.csv``."""
-    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-    with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
+    with atomic_write(os.path.join(cfg.OUTPUT_DIR, "eval_results.json")) as f:
         json.dump(_to_builtin(results), f, indent=2)
     run_dir = step_output_dir(cfg.OUTPUT_ROOT, cfg.TASK_NAME, cfg.NAME, cfg.CONT.TASK)
     run_dir = os.path.dirname(os.path.normpath(run_dir))

@@ -134,6 +134,76 @@ def test_non_finite_loss_stops_with_iteration_and_terms_and_keeps_the_checkpoint
     assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("content", ["{\"annotations\": [", "[]", "{}"])
+def test_invalid_panoptic_json_is_named(synthetic_data, content):
+    import mask2former  # noqa: F401
+    from detectron2.data import DatasetCatalog
+
+    json_file = synthetic_data / "synthetic" / "synthetic_panoptic_train.json"
+    json_file.write_text(content)
+    with pytest.raises(ValueError) as err:
+        DatasetCatalog.get("synthetic_panoptic_train")
+    assert str(json_file) in str(err.value) and "Prepare it again" in str(err.value)
+
+
+def test_unreadable_training_image_message_names_the_skip_key(synthetic_data):
+    import mask2former  # noqa: F401
+    from detectron2.data import DatasetCatalog
+
+    from mask2former.data.dataset_mappers import MaskFormerPanopticDatasetMapper
+
+    record = DatasetCatalog.get("synthetic_panoptic_train")[2]
+    from pathlib import Path
+
+    _truncate(Path(record["file_name"]))
+    with pytest.raises(OSError) as err:
+        MaskFormerPanopticDatasetMapper(build_cfg(SYNTHETIC), True)(record)
+    assert Path(record["file_name"]).name in str(err.value) and "DATALOADER.SKIP_UNREADABLE_FILES" in str(err.value)
+
+
+def test_truncated_validation_image_is_named_with_what_to_do(synthetic_data):
+    import mask2former  # noqa: F401
+    from detectron2.data import DatasetCatalog, DatasetMapper
+
+    from continual.data import build_step_test_loader
+    from mask2former.data.dataset_mappers.file_reading import UnreadableFileError
+
+    record = DatasetCatalog.get("synthetic_panoptic_val")[1]
+    from pathlib import Path
+
+    _truncate(Path(record["file_name"]))
+    cfg = build_cfg(SYNTHETIC, ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"])
+    loader = build_step_test_loader(cfg, "synthetic_panoptic_val", DatasetMapper(cfg, False))
+    with pytest.raises(UnreadableFileError) as err:
+        for _ in loader:
+            pass
+    assert Path(record["file_name"]).name in str(err.value) and "--resume" in str(err.value)
+
+
+def test_flags_are_accepted_after_the_overrides():
+    from detectron2.engine import default_argument_parser
+
+    from continual.cli import move_flags_first
+
+    parser = default_argument_parser()
+    argv = ["--config-file", "c.yaml", "CONT.TASK", "1", "SOLVER.BASE_LR", "-1e-4", "--resume", "--num-gpus", "2",
+            "--eval-only", "NAME", "x"]
+    args = parser.parse_args(move_flags_first(parser, argv))
+    assert args.resume and args.eval_only and args.num_gpus == 2 and args.config_file == "c.yaml"
+    assert args.opts == ["CONT.TASK", "1", "SOLVER.BASE_LR", "-1e-4", "NAME", "x"]
+
+
+def test_an_int_is_accepted_for_a_float_key():
+    from continual.config import merge_config
+
+    cfg = build_cfg()
+    merge_config(cfg, str(SYNTHETIC), ["CONT.DIST.KD_WEIGHT", "10", "SOLVER.BASE_LR", "1"])
+    assert cfg.CONT.DIST.KD_WEIGHT == 10.0 and isinstance(cfg.CONT.DIST.KD_WEIGHT, float)
+    assert isinstance(cfg.SOLVER.BASE_LR, float)
+    with pytest.raises(ValueError):  # other type mismatches are still refused
+        merge_config(build_cfg(), str(SYNTHETIC), ["CONT.TASK", "1.5"])
+
+
 def test_broken_official_class_loss_combination_is_refused():
     from mask2former.maskformer_model import build_criterion
 

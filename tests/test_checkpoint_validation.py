@@ -86,3 +86,31 @@ def test_read_model_state_of_every_checkpoint_layout(tmp_path):
         assert set(state) == set(weights), name
         for key, value in weights.items():
             assert isinstance(state[key], torch.Tensor) and torch.equal(state[key], value), (name, key)
+
+
+def test_missing_backbone_keys_stop_with_the_likely_cause(models):
+    sd = {k: v for k, v in models[3].state_dict().items() if not k.startswith("backbone.res5.")}
+    with pytest.raises(CheckpointMismatchError) as err:
+        check_checkpoint_for_step(sd, models[3], 3, previous_step=False, source="nobackbone.pth")
+    msg = str(err.value)
+    assert "nobackbone.pth" in msg and "backbone.res5" in msg and "MODEL.RESNETS.DEPTH" in msg
+    head_only = {k: v for k, v in models[2].state_dict().items() if not k.startswith("backbone.")}
+    with pytest.raises(CheckpointMismatchError, match="without its backbone"):
+        check_checkpoint_for_step(head_only, models[3], 3, previous_step=True)
+
+
+def test_a_backbone_of_another_depth_is_named():
+    shallow = _model("CONT.TASK", "1", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64")
+    deep = _model("CONT.TASK", "1", "MODEL.RESNETS.DEPTH", "34", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64")
+    with pytest.raises(CheckpointMismatchError) as err:
+        check_checkpoint_for_step(deep.state_dict(), shallow, 1, previous_step=False, source="r34.pth")
+    msg = str(err.value)
+    assert "unexpected" in msg and "backbone.res2.2" in msg and "MODEL.RESNETS.DEPTH" in msg
+    assert "another depth" in msg and "'res4': 6" in msg and "'res4': 2" in msg
+
+
+def test_extra_keys_outside_the_head_are_named(models):
+    sd = dict(models[3].state_dict())
+    sd["pixel_decoder_extra.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointMismatchError, match="pixel_decoder_extra.weight"):
+        check_checkpoint_for_step(sd, models[3], 3, previous_step=False)

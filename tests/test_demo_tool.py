@@ -150,3 +150,21 @@ def test_draw_semantic_skips_pixels_without_a_class():
     assert not (drawn[:16] == 128).all()
     assert demo.semantic_segments(labels, classes) == [
         {"category_id": 2, "dataset_id": 2, "name": "grass", "area": 1024}]
+
+
+def test_a_bad_image_is_reported_and_the_others_are_written(assets, tmp_path, capsys):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(assets["images"], images)
+    data = (images / "img_1.png").read_bytes()
+    (images / "img_1.png").write_bytes(data[: len(data) // 3])
+    out = tmp_path / "vis"
+    code = demo.main(["--config-file", str(TINY), "--weights", str(assets["step0"]), "--input", str(images),
+                      "--output", str(out), *SMALL])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "img_1.png" in err and "1 of 3 image(s)" in err
+    assert sorted(p.name for p in out.glob("*.json")) == ["img_0.json", "img_2.json"]
+    assert (out / "img_0_panoptic.png").is_file() and (out / "img_2_panoptic.png").is_file()
+    assert not list(out.glob(".*.tmp"))

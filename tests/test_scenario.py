@@ -1,4 +1,6 @@
 """The continual scenario (class order, steps, label tables, step membership) and step loaders."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -197,11 +199,59 @@ def test_cache_written_reused_and_validated(tmp_path, monkeypatch):
     monkeypatch.setattr(Scenario, "membership", lambda *a, **k: pytest.fail("recomputed"))
     assert s.step_indices(dicts, 0, cache_path=cache).tolist() == [0, 1]
 
+    # a cache without the record of its source (e.g. an official one) is checked by its shape
+    os.remove(cache + ".source.json")
     with pytest.raises(ValueError, match="tst-pan_2-2-ov.npy.*shape \\(4, 3\\).*\\(5, 3\\).*delete it"):
         s.step_indices(dicts + [pan(1)], 0, cache_path=cache)
     np.save(cache, np.zeros((4, 2)))
     with pytest.raises(ValueError, match="needs \\(4, 3\\)"):
         s.step_indices(dicts, 0, cache_path=cache)
+
+
+def test_stale_cache_is_recomputed_when_the_annotations_change(tmp_path, caplog):
+    """Same image count, other labels: the cache records what it was computed from and is redone."""
+    import logging
+
+    s = small(name="tst-pan_2-2-ov")
+    cache = str(tmp_path / "tst-pan_2-2-ov.npy")
+    old = [pan(3), pan(3, 6), pan(4), pan(2, 5)]
+    assert s.step_indices(old, 2, cache_path=cache).tolist() == [1, 3]
+    new = [pan(5), pan(1), pan(6), pan(2)]  # the same 4 images, relabelled
+    for d, o in zip(new, old):
+        d["file_name"] = o["file_name"]
+    with caplog.at_level(logging.WARNING):
+        assert s.step_indices(new, 2, cache_path=cache).tolist() == [0, 2]
+    assert "tst-pan_2-2-ov.npy" in caplog.text and "Recomputing" in caplog.text
+    np.testing.assert_array_equal(np.load(cache), s.membership(new, num_workers=0))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the new cache fits the new data
+        assert s.step_indices(new, 2, cache_path=cache).tolist() == [0, 2]
+    assert "Recomputing" not in caplog.text
+    # another scenario under the same file name (e.g. a changed CONT.ORDER) is recomputed too
+    other = Scenario([2, 1, 3, 4, 5, 6], 2, 2, name="tst-pan_2-2-ov")
+    with caplog.at_level(logging.WARNING):
+        other.step_indices(new, 2, cache_path=cache)
+    assert "Recomputing" in caplog.text
+
+
+def test_stale_semantic_cache_is_recomputed_when_a_label_file_changes(tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    s = small(name="tst_2-2-ov")
+    files = []
+    for i, value in enumerate((1, 4, 5)):
+        path = tmp_path / f"l{i}.png"
+        Image.fromarray(np.full((4, 4), value, np.uint8)).save(path)
+        files.append(str(path))
+    dicts = [{"file_name": f, "sem_seg_file_name": f} for f in files]
+    cache = str(tmp_path / "tst_2-2-ov.npy")
+    assert s.step_indices(dicts, 1, cache_path=cache).tolist() == [1]
+    Image.fromarray(np.full((5, 5), 4, np.uint8)).save(files[0])  # now a step-1 image
+    with caplog.at_level(logging.WARNING):
+        assert s.step_indices(dicts, 1, cache_path=cache).tolist() == [0, 1]
+    assert "Recomputing" in caplog.text
 
 
 # ----------------------------------------------------------------------------- shipped splits

@@ -42,7 +42,6 @@ if REPO_ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.data.catalog import Metadata  # noqa: E402
@@ -53,7 +52,9 @@ from PIL import Image  # noqa: E402
 
 import mask2former  # noqa: E402,F401  (registers the model and the datasets' metadata)
 from continual.checkpoint import CheckpointMismatchError, check_checkpoint_for_step, read_model_state  # noqa: E402
+from continual.checkpoint_io import SafeCheckpointer  # noqa: E402
 from continual.config import setup_cfg as build_config  # noqa: E402
+from continual.io import atomic_write  # noqa: E402
 from continual.scenario import Scenario  # noqa: E402
 from mask2former.data.dataset_mappers.file_reading import read_image_file  # noqa: E402
 
@@ -250,7 +251,7 @@ class Predictor:
         self.model = build_model(cfg).eval()
         check_checkpoint_for_step(read_model_state(weights), self.model, cfg.CONT.TASK,
                                   previous_step=False, source=weights)
-        DetectionCheckpointer(self.model).load(weights)
+        SafeCheckpointer(self.model).load(weights)
         self.resize = T.ResizeShortestEdge([cfg.INPUT.MIN_SIZE_TEST] * 2, cfg.INPUT.MAX_SIZE_TEST)
         self.input_format = cfg.INPUT.FORMAT
 
@@ -328,12 +329,19 @@ def run_on_images(predictor: Predictor, classes: ClassTable, files: Sequence[str
     """Predict every image of ``files`` and write its overlays and JSON to ``output``.
 
     Returns the per-image records (as written to ``<stem>.json``), with the paths of the
-    overlays under ``"panoptic_overlay"`` / ``"semantic_overlay"``.
+    overlays under ``"panoptic_overlay"`` / ``"semantic_overlay"``. An image that cannot be read
+    is logged and skipped: its record holds only ``"file_name"`` and ``"error"`` (nothing is
+    written for it) and the other images are still predicted.
     """
     os.makedirs(output, exist_ok=True)
     records = []
     for path, stem in zip(files, _unique_stems(files)):
-        image = read_image_file(path, format="RGB")
+        try:
+            image = read_image_file(path, format="RGB")
+        except OSError as e:  # a bad image is reported; the others are still predicted
+            logger.error("%s: skipped (%s)", path, e)
+            records.append({"file_name": os.path.abspath(path), "error": str(e)})
+            continue
         outputs = predictor(image)
         record = {"file_name": os.path.abspath(path), "height": int(image.shape[0]), "width": int(image.shape[1]),
                   "config_task": int(predictor.cfg.CONT.TASK)}
@@ -341,21 +349,26 @@ def run_on_images(predictor: Predictor, classes: ClassTable, files: Sequence[str
             panoptic_seg, segments_info = outputs["panoptic_seg"]
             record["panoptic_segments"] = panoptic_segments(panoptic_seg, segments_info, classes)
             overlay = os.path.join(output, f"{stem}_panoptic.png")
-            Image.fromarray(draw_panoptic(image, panoptic_seg, segments_info, classes, scale)).save(overlay)
+            _save_png(draw_panoptic(image, panoptic_seg, segments_info, classes, scale), overlay)
             record["panoptic_overlay"] = overlay
         if mode in ("semantic", "both"):
             labels = semantic_labels(outputs["sem_seg"])
             record["semantic_segments"] = semantic_segments(labels, classes)
             overlay = os.path.join(output, f"{stem}_semantic.png")
-            Image.fromarray(draw_semantic(image, labels, classes, scale)).save(overlay)
+            _save_png(draw_semantic(image, labels, classes, scale), overlay)
             record["semantic_overlay"] = overlay
-        with open(os.path.join(output, f"{stem}.json"), "w") as f:
+        with atomic_write(os.path.join(output, f"{stem}.json")) as f:
             json.dump(record, f, indent=2)
         records.append(record)
         found = record.get("panoptic_segments", record.get("semantic_segments", []))
         logger.info("%s: %s -> %s", path, ", ".join(s["name"] for s in found) or "nothing",
                     os.path.join(output, stem + "_*.png"))
     return records
+
+
+def _save_png(array: np.ndarray, path: str) -> None:
+    with atomic_write(path, binary=True) as f:
+        Image.fromarray(array).save(f, format="PNG")
 
 
 def main(argv=None) -> int:
@@ -371,7 +384,14 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     records = run_on_images(predictor, classes, files, args.output, mode, args.scale)
-    logger.info("%d image(s): overlays and JSON in %s", len(records), args.output)
+    failed = [r for r in records if "error" in r]
+    logger.info("%d image(s): overlays and JSON in %s", len(records) - len(failed), args.output)
+    if failed:
+        print(f"error: {len(failed)} of {len(records)} image(s) could not be read and were skipped:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r['error']}", file=sys.stderr)
+        print("replace or remove these files; the other images' results are written", file=sys.stderr)
+        return 1
     return 0
 
 

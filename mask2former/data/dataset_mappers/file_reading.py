@@ -18,10 +18,15 @@ __all__ = ["UnreadableFileError", "read_image_file", "read_label_file"]
 class UnreadableFileError(OSError):
     """A dataset file cannot be read or decoded (``filename`` holds its path)."""
 
-    def __init__(self, path: str, kind: str, reason: str):
+    #: what to do, appended to the message unless a caller gives its own
+    DEFAULT_HINT = ("Replace the file with an intact copy, or set DATALOADER.SKIP_UNREADABLE_FILES True "
+                    "to skip unreadable training samples with a warning.")
+
+    def __init__(self, path: str, kind: str, reason: str, hint: str = None):
         self.kind = kind
         self.reason = reason
-        super().__init__(f"Cannot read the {kind} file {path}: {reason}")
+        hint = self.DEFAULT_HINT if hint is None else hint
+        super().__init__(f"Cannot read the {kind} file {path}: {reason}. {hint}".rstrip())
         self.filename = path
 
     def __str__(self) -> str:

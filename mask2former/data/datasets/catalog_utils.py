@@ -155,6 +155,26 @@ def _list_names(folder: str) -> set:
     return set(os.listdir(folder))
 
 
+def _read_panoptic_json(dataset_name: str, json_file: str, prepare_command: str) -> Dict:
+    """The parsed panoptic json, checked to be a COCO-panoptic dict; errors name the file."""
+    fix = f"Prepare it again ({prepare_command}) or restore it from the dataset archive."
+    try:
+        with open(json_file) as f:
+            info = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"Dataset '{dataset_name}': {json_file} is not valid JSON ({e}); it is probably "
+                         f"truncated or not the panoptic annotation file. {fix}") from None
+    if not isinstance(info, dict) or not isinstance(info.get("annotations"), list):
+        raise ValueError(f"Dataset '{dataset_name}': {json_file} is not a COCO-panoptic annotation file (expected a "
+                         f"dict with an 'annotations' list, got {type(info).__name__}"
+                         f"{' without annotations' if isinstance(info, dict) else ''}). {fix}")
+    for i, ann in enumerate(info["annotations"]):
+        missing = [k for k in ("file_name", "image_id", "segments_info") if not isinstance(ann, dict) or k not in ann]
+        if missing:
+            raise ValueError(f"Dataset '{dataset_name}': annotation {i} of {json_file} lacks {missing}. {fix}")
+    return info
+
+
 def load_panoptic_json(
     dataset_name: str,
     json_file: str,
@@ -189,8 +209,7 @@ def load_panoptic_json(
     """
     folders = [image_root, panoptic_root] + ([sem_seg_root] if sem_seg_root else [])
     require_paths(dataset_name, [json_file] + folders, prepare_command)
-    with open(json_file) as f:
-        info = json.load(f)
+    info = _read_panoptic_json(dataset_name, json_file, prepare_command)
 
     image_files = {img["id"]: img["file_name"] for img in info.get("images", [])}
     image_names, pan_names = _list_names(image_root), _list_names(panoptic_root)
