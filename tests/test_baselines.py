@@ -119,7 +119,8 @@ def test_the_trainer_and_train_continual_check_the_keys():
                           "CONT.TASK", "1", "CONT.NUM_PROMPTS", "4", "CONT.DIST.KD_WEIGHT", "1.0",
                           "OUTPUT_DIR", "/nonexistent/never-written"],
                          capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    assert res.returncode != 0 and "UnsupportedKeyError" in res.stderr and "CONT.NUM_PROMPTS 0" in res.stderr
+    # refused before anything is written, with the key and the fix
+    assert res.returncode == 1 and "CONT.DIST.KD_WEIGHT" in res.stderr and "CONT.NUM_PROMPTS 0" in res.stderr
     assert not os.path.exists("/nonexistent/never-written")
 
 
