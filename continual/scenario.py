@@ -134,6 +134,10 @@ class Scenario:
             correct_ids=bool(cfg.CONT.get("COCO_CORRECT_IDS", False)),
             name=_cfg_task_name(cfg),
         )
+        # a dataset registered from a description file: the order must name its classes
+        from mask2former.data.datasets.register_custom import check_order_classes
+
+        check_order_classes(scenario.order, dataset_name)
         task = cfg.CONT.TASK
         if not isinstance(task, int) or not 0 <= task < scenario.num_steps:
             raise ValueError(
