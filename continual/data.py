@@ -118,7 +118,8 @@ def build_step_train_loader(cfg, mapper: Callable, scenario: Optional[Scenario] 
 
     Returns:
         the loader of :func:`detectron2.data.build_detection_train_loader` (an infinite stream of
-        batches of mapped dicts).
+        batches of mapped dicts; with ``SOLVER.ACCUMULATE_STEPS A`` of micro-batches of
+        ``IMS_PER_BATCH / (processes * A)`` images per process).
     """
     from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
     from detectron2.utils import comm
@@ -151,8 +152,13 @@ def build_step_train_loader(cfg, mapper: Callable, scenario: Optional[Scenario] 
     subset = [dicts[i] for i in indices]
     lut = scenario.label_lut(step, train=True)
     sampler = ResumableTrainingSampler(len(subset))
+    # with SOLVER.ACCUMULATE_STEPS A the loader yields micro-batches: A of them per step
+    from .accumulation import micro_batch_size
+
+    world = comm.get_world_size()
     loader = build_detection_train_loader(
-        cfg, mapper=ContinualMapper(mapper, lut), dataset=subset, sampler=sampler
+        cfg, mapper=ContinualMapper(mapper, lut), dataset=subset, sampler=sampler,
+        total_batch_size=micro_batch_size(cfg, world) * world,
     )
     loader.resumable_sampler = sampler  # the trainer sets its start when resuming
     return loader

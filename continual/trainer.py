@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -26,6 +26,8 @@ from detectron2.utils.logger import setup_logger
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from . import joint
+from .accumulation import build_step_trainer
 from .checkpoint import check_checkpoint_for_step, read_model_state
 from .prompt_tuning import configure_trainable_parameters, initialize_new_step, trainable_parameter_names
 
@@ -112,7 +114,7 @@ class IncrementalTrainer(DefaultTrainer):
         use_amp = cfg.SOLVER.AMP.ENABLED and torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu"
         if cfg.SOLVER.AMP.ENABLED and not use_amp:
             logger.info("SOLVER.AMP.ENABLED is ignored without a GPU: training in float32")
-        self._trainer = (AMPTrainer if use_amp else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer, use_amp)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -137,9 +139,11 @@ class IncrementalTrainer(DefaultTrainer):
     # ------------------------------------------------------------------ builders
     @classmethod
     def build_model(cls, cfg) -> nn.Module:
-        """The model of step ``CONT.TASK`` with the step's trainable set (spec 1.8)."""
+        """The model of step ``CONT.TASK`` with the step's trainable set (spec 1.8); with
+        ``CONT.JOINT`` one step with every class (:func:`continual.joint.training_config`)."""
         from detectron2.modeling import build_model
 
+        cfg = joint.training_config(cfg)
         model = build_model(cfg)
         configure_trainable_parameters(model, cfg)
         names = trainable_parameter_names(model)
@@ -182,7 +186,7 @@ class IncrementalTrainer(DefaultTrainer):
 
         from .data import build_step_train_loader
 
-        return build_step_train_loader(cfg, build_train_mapper(cfg))
+        return build_step_train_loader(joint.training_config(cfg), build_train_mapper(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -190,13 +194,14 @@ class IncrementalTrainer(DefaultTrainer):
 
         from .data import build_step_test_loader
 
-        return build_step_test_loader(cfg, dataset_name, DatasetMapper(cfg, False))
+        return build_step_test_loader(joint.evaluation_config(cfg), dataset_name, DatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         from .evaluation import ContinualPanopticEvaluator, ContinualSemSegEvaluator
 
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        cfg = joint.evaluation_config(cfg)  # CONT.JOINT: the split of the scenario's last step
         kind = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         test = cfg.MODEL.MASK_FORMER.TEST
         evaluators = []

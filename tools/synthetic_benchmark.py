@@ -14,7 +14,9 @@ What it does (this is ``make demo``):
 3. runs the same script as the **fine-tuning baseline** (run ``finetune``): steps 1 and 2 from the
    same step-0 checkpoint with ``CONT.NUM_PROMPTS 0``, i.e. the whole model trained on the new
    classes only (``--skip-baseline`` leaves it out);
-4. prints a table of PQ base / old / new / all per step for both methods and checks the
+4. trains the **joint upper bound** (run ``joint``, ``JOINT=1``): one model on all 10 classes at
+   once, evaluated with the split of the last step (``--skip-joint`` leaves it out);
+5. prints a table of PQ base / old / new / all per step for both methods and checks the
    expected behaviour (ECLIPSE keeps its base PQ and learns the new classes, fine-tuning
    forgets the base classes), plots PQ across steps and draws the predictions of the final
    models on a few validation images (``tools/demo.py``).
@@ -58,6 +60,7 @@ GENERATOR = os.path.join(REPO_ROOT, "datasets", "generate_synthetic.py")
 TASK_NAME = "syn-pan_6-2-ov"
 ECLIPSE_NAME = "eclipse"
 FINETUNE_NAME = "finetune"
+JOINT_NAME = "all_classes"  # the scripts append _joint: runs/<task>/all_classes_joint
 SPLITS = ("base", "old", "new", "all")
 _METRIC_KEYS = {"base": "PQ_base", "old": "PQ_old", "new": "PQ_new", "all": "PQ"}
 DATA_STAMP = ".benchmark_data.json"
@@ -66,10 +69,11 @@ DATA_STAMP = ".benchmark_data.json"
 PRESETS: Dict[str, Dict] = {
     # fine-tuning: 400 iterations of the whole model take about as long as the 1000 prompt-tuning
     # iterations of an ECLIPSE step; LR None = the step-0 LR
+    # joint: 500 iterations (half of step 0's) keep make demo short; see README
     "full": dict(num_train=300, num_val=100, size=128, max_things=4, step0_iters=None, iters=None,
-                 finetune_iters=400, finetune_lr=None, extra=[]),
+                 finetune_iters=400, finetune_lr=None, joint_iters=500, extra=[]),
     "quick": dict(num_train=16, num_val=4, size=64, max_things=4, step0_iters=6, iters=4,
-                  finetune_iters=4, finetune_lr=None,
+                  finetune_iters=4, finetune_lr=None, joint_iters=6,
                   extra=["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
                          "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256"]),
 }
@@ -223,6 +227,21 @@ def summarize(eclipse_metrics: str, finetune_metrics: Optional[str], output: str
     with open(os.path.join(output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def joint_row(metrics: Mapping[str, Mapping]) -> Dict[str, Optional[float]]:
+    """PQ base / old / new / all of the joint upper bound from its ``metrics.json`` (its one step,
+    evaluated with the split of the scenario's last step)."""
+    entry = metrics.get("0") or {}
+    pq = entry.get("panoptic_seg", entry) if isinstance(entry, Mapping) else {}
+    return {split: _number(pq.get(key)) for split, key in _METRIC_KEYS.items()}
+
+
+def format_joint_table(row: Mapping[str, Optional[float]], last_step: int) -> str:
+    """The joint upper bound as a one-row Markdown table, comparable to the last step's row."""
+    return "\n".join([f"| upper bound (split of step {last_step}) | " + " | ".join(SPLITS) + " |",
+                      "|---|" + "---|" * len(SPLITS),
+                      "| joint (all classes at once) | " + " | ".join(_fmt(row.get(s)) for s in SPLITS) + " |"])
 
 
 def format_checks(checks: Sequence[Mapping]) -> str:
@@ -503,6 +522,8 @@ def parse_args(argv=None):
                    help="datasets root; the data go to <root>/synthetic (default: <output>/data)")
     p.add_argument("--quick", action="store_true", help="tiny data, a few iterations: a smoke test of the pipeline")
     p.add_argument("--skip-baseline", action="store_true", help="do not run the fine-tuning baseline")
+    p.add_argument("--skip-joint", action="store_true", help="do not train the joint upper bound")
+    p.add_argument("--joint-iters", type=int, default=None, help="iterations of the joint upper bound (default: the preset's)")
     p.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: min(2, CPUs))")
     p.add_argument("--num-vis", type=int, default=4, help="validation images to draw (0: none)")
     p.add_argument("--num-train", type=int, default=None, help="training images (default: the preset's)")
@@ -534,6 +555,7 @@ def _estimates(settings: Mapping[str, str], preset: Mapping, threads: int) -> Di
         "eclipse1": startup + prompt + per_eval, "eclipse2": startup + prompt + per_eval,
         "eclipse_eval": startup + per_eval,
         "finetune1": startup + finetune + per_eval, "finetune2": startup + finetune + per_eval,
+        "joint": startup + int(settings.get("JOINT_ITERS", 0)) * (0.04 + 0.11 * pixels) + per_eval,
         "report": 15.0,
     }.items()}
 
@@ -572,6 +594,8 @@ def main(argv=None) -> int:
     ft_iters = str(args.iters or preset["finetune_iters"] or settings["ITERS"])
     ft_lr = str(preset["finetune_lr"] or settings["STEP0_LR"])
     settings.update(FT_ITERS=ft_iters, FT_LR=ft_lr)
+    if not args.skip_joint:
+        settings["JOINT_ITERS"] = str(args.joint_iters or preset["joint_iters"])
     env["EXTRA_ARGS"] = " ".join(["CONT.RESULTS_DIR", results_dir] + list(preset["extra"]))
 
     stages = [Stage("data", "synthetic data"),
@@ -582,11 +606,14 @@ def main(argv=None) -> int:
     if not args.skip_baseline:
         stages += [Stage("finetune1", "fine-tuning step 1: +2 classes (whole model)"),
                    Stage("finetune2", "fine-tuning step 2: +2 classes (whole model)")]
+    if not args.skip_joint:
+        stages.append(Stage("joint", "joint upper bound: all 10 classes at once"))
     stages.append(Stage("report", "table, plot and overlays"))
     for stage, seconds in ((s, _estimates(settings, preset, threads)[s.key]) for s in stages):
         stage.estimate = seconds
     iters = {"step0": int(settings["STEP0_ITERS"]), "eclipse1": int(settings["ITERS"]),
-             "eclipse2": int(settings["ITERS"]), "finetune1": int(ft_iters), "finetune2": int(ft_iters)}
+             "eclipse2": int(settings["ITERS"]), "finetune1": int(ft_iters), "finetune2": int(ft_iters),
+             "joint": int(settings.get("JOINT_ITERS", 0))}
 
     if archived:
         print(f"The earlier run in {output} was moved to {archived} (delete it when you no longer need it, "
@@ -630,6 +657,12 @@ def main(argv=None) -> int:
                    finetune_stage, iters.get)
         progress.finish("finetune2")
 
+    if not args.skip_joint:
+        run_script(dict(env, NAME=JOINT_NAME, JOINT="1", JOINT_ITERS=settings["JOINT_ITERS"]),
+                   os.path.join(logs, "joint.log"), progress, lambda line: "joint" if line.startswith("== joint") else None,
+                   iters.get)
+        progress.finish("joint")
+
     progress.begin("report")
     summary = summarize(os.path.join(run_dir, ECLIPSE_NAME, "metrics.json"),
                         None if args.skip_baseline else os.path.join(run_dir, FINETUNE_NAME, "metrics.json"),
@@ -652,6 +685,14 @@ def main(argv=None) -> int:
             "PQ per step (base: the 6 step-0 classes; old: the classes of the earlier steps; new: the "
             "classes of the step; all: PQ over all 10 classes, those not learnt yet counting 0, as in the "
             "official evaluation).", "", summary["markdown"], ""]
+    if not args.skip_joint:
+        from continual.evaluation.results import read_metrics_json
+
+        joint_metrics = os.path.join(run_dir, f"{JOINT_NAME}_joint", "metrics.json")
+        summary["joint"] = joint_row(read_metrics_json(joint_metrics))
+        summary["joint_markdown"] = format_joint_table(summary["joint"], int(settings["STEPS"]))
+        text += [f"Joint upper bound ({settings['JOINT_ITERS']} iterations, step-0 settings):", "",
+                 summary["joint_markdown"], ""]
     if summary["checks"]:
         text += ["Checks:", "", "```", format_checks(summary["checks"]), "```", ""]
     text += [f"Wall time {_clock(wall)} ({wall:.0f} s), {threads} thread(s). Settings: " +
@@ -666,6 +707,8 @@ def main(argv=None) -> int:
 
     print("\nPQ per step (base / old / new / all):\n")
     print(summary["markdown"])
+    if summary.get("joint_markdown"):
+        print("\n" + summary["joint_markdown"])
     if summary["checks"]:
         print("\nChecks" + (" (quick run: not meaningful)" if args.quick else "") + ":")
         print(format_checks(summary["checks"]))

@@ -19,6 +19,7 @@ that replaces the classification loss, and ``forward(..., extra_losses=fn)`` add
 ``fn(m, prediction)`` returns for prediction ``m`` (0 = final, ``i + 1`` = ``aux_outputs[i]``),
 with the same ``_i`` suffix as the other losses.
 """
+import contextlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -211,6 +212,7 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         # not persistent: official ECLIPSE checkpoints have no criterion entries
         self.register_buffer("empty_weight", empty_weight, persistent=False)
+        self._fixed_num_masks: Optional[Tuple[float, int]] = None
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -241,14 +243,44 @@ class SetCriterion(nn.Module):
             selected.append(m)
         return torch.cat(selected)
 
+    @contextlib.contextmanager
+    def fixed_num_masks(self, value: float, local_count: int):
+        """Within the block, :meth:`get_num_masks` returns ``value`` without communicating.
+
+        Used by gradient accumulation (:mod:`continual.accumulation`): the normaliser of every
+        micro-batch is the number of masks of the whole optimizer step (all micro-batches, all
+        processes) divided by the number of micro-batches times processes, computed before the
+        first forward. ``local_count`` is the number of targets the caller counted in this
+        micro-batch; a different count in the criterion (targets changed inside the model)
+        raises instead of silently using a wrong normaliser.
+        """
+        previous = self._fixed_num_masks
+        self._fixed_num_masks = (float(value), int(local_count))
+        try:
+            yield
+        finally:
+            self._fixed_num_masks = previous
+
     def get_num_masks(self, targets: List[Dict[str, torch.Tensor]], device) -> float:
         """
         Loss normaliser: number of targets in the batch, averaged over all processes
-        (so every process normalises by the same value), at least 1.
+        (so every process normalises by the same value), at least 1. Inside
+        :meth:`fixed_num_masks`, the value given there.
         """
-        num_masks = torch.as_tensor(
-            [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float, device=device
-        )
+        local = sum(len(t["labels"]) for t in targets)
+        fixed = getattr(self, "_fixed_num_masks", None)
+        if fixed is not None:
+            value, expected = fixed
+            if local != expected:
+                raise RuntimeError(
+                    f"gradient accumulation counted {expected} target masks in this micro-batch "
+                    f"before the forward pass, but the criterion received {local}: the model "
+                    "changes its targets (e.g. pseudo-labels), so the loss normaliser of the "
+                    "optimizer step cannot be known in advance. Train with "
+                    "SOLVER.ACCUMULATE_STEPS 1 (more processes or a larger per-device batch)."
+                )
+            return value
+        num_masks = torch.as_tensor([float(local)], dtype=torch.float, device=device)
         world_size = comm.get_world_size()
         if world_size > 1:
             dist.all_reduce(num_masks)
