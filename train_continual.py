@@ -11,29 +11,27 @@ import logging
 import os
 
 import torch
-from detectron2.config import get_cfg
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 import mask2former  # noqa: F401  (registers the model and the datasets)
 from continual.checkpoint import check_checkpoint_for_step, read_model_state
-from continual.config import add_continual_config, merge_config, setup_continual_names
+from continual.compat import check_continual_keys
+from continual.config import setup_cfg, setup_continual_names
 from continual.trainer import IncrementalTrainer, write_step_results
-from mask2former.config import add_maskformer2_config
 
 logger = logging.getLogger("train_continual")
 
 
 def setup(args):
     """Config from the file and the command line, with the derived run names."""
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)
+    cfg = setup_cfg(args.config_file, args.opts)
     if not torch.cuda.is_available() and cfg.MODEL.DEVICE.startswith("cuda"):
         cfg.MODEL.DEVICE = "cpu"
     setup_continual_names(cfg)
+    check_continual_keys(cfg, training=not args.eval_only)
     if args.eval_only:
         # keep an evaluation's files apart from the training run of the same step
         cfg.OUTPUT_DIR = os.path.join(cfg.OUTPUT_DIR, "eval_only")
@@ -50,7 +48,7 @@ def setup(args):
 
 def _init_wandb(cfg):
     try:
-        import wandb
+        import wandb  # optional dependency, only for WANDB True
     except ImportError as e:
         raise SystemExit("WANDB True needs the `wandb` package (pip install wandb), or pass WANDB False") from e
     wandb.init(project="eclipse-d2", name=f"{cfg.TASK_NAME}/{cfg.NAME}/step{cfg.CONT.TASK}", config=cfg, sync_tensorboard=True)
@@ -63,8 +61,6 @@ def evaluate(cfg):
     if not weights or not os.path.isfile(weights):
         raise FileNotFoundError(f"--eval-only needs a checkpoint: CONT.WEIGHTS / MODEL.WEIGHTS {weights!r} does not exist")
     check_checkpoint_for_step(read_model_state(weights), model, cfg.CONT.TASK, previous_step=False, source=weights)
-    from detectron2.checkpoint import DetectionCheckpointer
-
     DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(weights, resume=False)
     results = IncrementalTrainer.test(cfg, model)
     if comm.is_main_process():

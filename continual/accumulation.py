@@ -12,7 +12,7 @@ each and then steps the optimizer once. The micro-batches behave like ``W * A`` 
   micro-batch of every process) divided by ``W * A``, at least 1, which is what the set
   criterion's all-reduce gives in a run with ``W * A`` processes. The micro-batches of a step are
   therefore loaded before the first forward and their masks counted
-  (:meth:`SetCriterion.fixed_num_masks`);
+  (:func:`mask2former.modeling.criterion.fixed_num_masks`);
 * the sampler hands out the same images per step: one process with ``A = 4`` sees, in every
   step, the 16 images that 4 processes see (grouped differently into micro-batches, which only
   matters for padding and for batch statistics).
@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.utils import comm
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from mask2former.modeling.criterion import fixed_num_masks
 
 __all__ = ["AccumulatingTrainer", "accumulation_plan", "build_step_trainer", "micro_batch_size", "count_target_masks"]
 
@@ -108,19 +109,6 @@ def count_target_masks(batch: Sequence[Dict]) -> int:
         ) from None
 
 
-def _criteria(model: nn.Module) -> List[nn.Module]:
-    from mask2former.modeling.criterion import SetCriterion
-
-    module = model.module if isinstance(model, DistributedDataParallel) else model
-    found = [m for m in module.modules() if isinstance(m, SetCriterion)]
-    if not found:
-        raise ValueError(
-            "SOLVER.ACCUMULATE_STEPS > 1 needs a model with a SetCriterion (MaskFormer); "
-            f"{type(module).__name__} has none"
-        )
-    return found
-
-
 class AccumulatingTrainer(SimpleTrainer):
     """:class:`SimpleTrainer` (or, with ``grad_scaler``, AMP) that accumulates ``accumulate_steps``
     micro-batches per optimizer step, as described in the module docstring.
@@ -141,7 +129,6 @@ class AccumulatingTrainer(SimpleTrainer):
         self.accumulate_steps = int(accumulate_steps)
         self.grad_scaler = grad_scaler
         self.precision = precision
-        self._criteria = _criteria(model)
 
     def run_step(self):
         assert self.model.training, "[AccumulatingTrainer] model was changed to eval mode!"
@@ -164,8 +151,8 @@ class AccumulatingTrainer(SimpleTrainer):
             sync = (self.model.no_sync() if isinstance(self.model, DistributedDataParallel) and not last
                     else contextlib.nullcontext())
             with sync, contextlib.ExitStack() as stack:
-                for criterion in self._criteria:
-                    stack.enter_context(criterion.fixed_num_masks(num_masks, counts[i]))
+                # every set criterion of the process (the model's, a distillation step's)
+                stack.enter_context(fixed_num_masks(num_masks, counts[i]))
                 if self.grad_scaler is not None:
                     stack.enter_context(torch.autocast("cuda", dtype=self.precision))
                 loss_dict = self.model(batch)

@@ -4,6 +4,7 @@ The official code loads checkpoints non-strictly, so a checkpoint of the wrong s
 leaves prompt sets at their random initialisation. Here every mismatch stops with the keys
 involved and the probable fix.
 """
+import pickle
 import re
 from typing import Dict, Iterable, List, Optional
 
@@ -18,8 +19,7 @@ __all__ = [
     "read_model_state",
 ]
 
-_PREDICTOR = "sem_seg_head.predictor."
-_STEP_MODULES = ("prompt_feat", "prompt_embed", "prompt_mask_embed", "prompt_no_obj_embed")
+from .prompt_tuning import get_predictor, predictor_prefix
 
 
 class CheckpointMismatchError(ValueError):
@@ -30,8 +30,6 @@ def read_model_state(path: str) -> Dict[str, torch.Tensor]:
     """The model entries of a checkpoint file (``.pth`` with or without the ``"model"`` level, or
     a detectron2 ``.pkl``)."""
     if path.endswith(".pkl"):
-        import pickle
-
         with open(path, "rb") as f:
             data = pickle.load(f, encoding="latin1")
     else:
@@ -43,15 +41,16 @@ def read_model_state(path: str) -> Dict[str, torch.Tensor]:
 def checkpoint_step(keys: Iterable[str]) -> Optional[int]:
     """The step a checkpoint was trained for, from its class heads (``class_embed.cls.{0..T+1}``);
     ``None`` if it has no incremental class head."""
-    heads = {int(m.group(1)) for k in keys if (m := re.match(re.escape(_PREDICTOR) + r"class_embed\.cls\.(\d+)\.", k))}
+    heads = {int(m.group(1)) for k in keys if (m := re.search(r"(?:^|\.)predictor\.class_embed\.cls\.(\d+)\.", k))}
     return max(heads) - 1 if heads else None
 
 
 def new_step_keys(model: nn.Module, step: int) -> List[str]:
-    """State-dict keys that belong to ``step``'s own modules (absent from step ``step-1``)."""
-    k = step - 1
-    own = tuple(f"{_PREDICTOR}{m}.{k}." for m in _STEP_MODULES) + (f"{_PREDICTOR}class_embed.cls.{step + 1}.",)
-    return [key for key in model.state_dict() if key.startswith(own)]
+    """State-dict keys that belong to ``step``'s own modules (absent from step ``step-1``): those
+    of the decoder's ``step_modules(step)``."""
+    prefix = predictor_prefix(model)
+    own = tuple(f"{prefix}{name}." for name in get_predictor(model).step_modules(step))
+    return [key for key in getattr(model, "module", model).state_dict() if key.startswith(own)]
 
 
 def check_checkpoint_for_step(

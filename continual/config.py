@@ -1,15 +1,26 @@
-"""``CONT.*`` config keys of the continual protocol and the run-name derivation.
+"""The one place a config is assembled: protocol keys, the merge of files and overrides, run names.
 
-Keys and defaults are those of the official ECLIPSE implementation (ECLIPSE_SPEC.md 2.1 and
-2.3), including the CoMFormer options ECLIPSE does not use, so that official command lines are
-accepted unchanged.
+:func:`setup_cfg` is the entry point every script uses. :func:`add_continual_config` adds the
+``CONT.*`` keys of the continual protocol to those :func:`mask2former.config.add_maskformer2_config`
+defines for the network. Keys and defaults are those of the official ECLIPSE implementation
+(docs/design.md#configuration), including the CoMFormer options ECLIPSE does not use, so that
+official command lines are accepted unchanged.
 """
+import argparse
+import difflib
 import os
 import sys
+from typing import Optional, Sequence
 
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
 
-__all__ = ["add_continual_config", "task_name", "step_output_dir", "setup_continual_names", "merge_config"]
+from mask2former.config import add_maskformer2_config
+from mask2former.data.datasets.register_custom import register_custom_dataset
+
+__all__ = [
+    "add_continual_config", "task_name", "step_output_dir", "setup_continual_names", "merge_config", "setup_cfg",
+]
 
 
 def add_continual_config(cfg: CN) -> None:
@@ -22,57 +33,31 @@ def add_continual_config(cfg: CN) -> None:
     cfg.TASK_NAME = ""
     cfg.OUTPUT_ROOT = ""
 
-    c = cfg.CONT = CN()
-    c.BASE_CLS = 15
-    c.INC_CLS = 5
+    if "CONT" not in cfg or "BASE_CLS" not in cfg.CONT:
+        raise KeyError("add_continual_config needs the network's CONT keys: call "
+                       "mask2former.config.add_maskformer2_config(cfg) first (or use setup_cfg)")
+    c = cfg.CONT
     c.ORDER = list(range(1, 21))
     c.ORDER_NAME = None
-    c.TASK = 0
     c.WEIGHTS = None
     c.MODE = "overlap"  # "overlap" | "disjoint" | "sequential"
     c.INC_QUERY = False
-    c.COSINE = False
-    c.USE_BIAS = True
     c.WA_STEP = 0
 
     # CoMFormer / MiB / PLOP distillation options; accepted but unused by ECLIPSE
-    d = c.DIST = CN()
-    d.POD_WEIGHT = 0.0
-    d.KD_WEIGHT = 0.0
-    d.ALPHA = 1.0
-    d.UCE = False
-    d.UKD = False
-    d.L2 = False
-    d.KD_REW = False
-    d.KD_DEEP = False
-    d.USE_NEW = False
-    d.CE_NEW = False
-    d.EOS_POW = 0.0
-    d.PSEUDO = False
-    d.PSEUDO_TYPE = 0
-    d.IOU_THRESHOLD = 0.5
-    d.PSEUDO_THRESHOLD = 0.0
-    d.MASK_KD = 0.0
+    c.DIST = CN({
+        "POD_WEIGHT": 0.0, "KD_WEIGHT": 0.0, "ALPHA": 1.0, "UCE": False, "UKD": False, "L2": False,
+        "KD_REW": False, "KD_DEEP": False, "USE_NEW": False, "CE_NEW": False, "EOS_POW": 0.0,
+        "PSEUDO": False, "PSEUDO_TYPE": 0, "IOU_THRESHOLD": 0.5, "PSEUDO_THRESHOLD": 0.0, "MASK_KD": 0.0,
+    })
 
-    # ECLIPSE
-    c.NUM_PROMPTS = 10  # prompts per incremental step; must be 0 at step 0
-    c.SOFTCLS = True  # softmax (True) or sigmoid (False) class scores; the scripts use False
-    c.BACKBONE_FREEZE = False  # also the master switch of the step>0 freezing
-    c.CLS_HEAD_FREEZE = False
-    c.MASK_HEAD_FREEZE = False
-    c.PIXEL_DECODER_FREEZE = False
-    c.QUERY_EMBED_FREEZE = False
-    c.TRANS_DECODER_FREEZE = False
-    c.PROMPT_DEEP = False
-    c.PROMPT_MASK_MLP = False
-    c.PROMPT_NO_OBJ_MLP = False
-    c.DEEP_CLS = False
-    c.LOGIT_MANI_DELTAS = None  # None, a float, or a list with one delta per query group
-    # not in the official code: supervise every decoder layer at steps > 0 (the official
-    # code supervises only the pre-decoder prediction and the last layer)
-    c.PROMPT_SUPERVISE_ALL_LAYERS = False
+    # ECLIPSE freezing rules of steps > 0; BACKBONE_FREEZE is also the master switch
+    for key in ("BACKBONE_FREEZE", "CLS_HEAD_FREEZE", "MASK_HEAD_FREEZE", "PIXEL_DECODER_FREEZE",
+                "QUERY_EMBED_FREEZE", "TRANS_DECODER_FREEZE"):
+        c[key] = False
     # not in the official code: shift the 0-based contiguous ids of COCO by +1 so that they match
-    # the 1-based CONT.ORDER (the official runs never train "person"; ECLIPSE_SPEC.md 1.10)
+    # the 1-based CONT.ORDER (the official runs never train "person";
+    # docs/official_behaviours.md#coco-ids)
     c.COCO_CORRECT_IDS = False
     # not in the official code: train a step again although its model_final.pth exists
     c.OVERWRITE = False
@@ -141,17 +126,17 @@ def _all_keys(node: CN, prefix: str = ""):
             yield full
 
 
-def merge_config(cfg: CN, config_file: str, opts) -> CN:
-    """Merge ``config_file`` and the ``KEY VALUE`` list ``opts`` into ``cfg``, then register the
-    datasets of ``DATASETS.CUSTOM_FILE`` (if set).
+def merge_config(cfg: CN, config_file: Optional[str], opts) -> CN:
+    """Merge ``config_file`` (None: none) and the ``KEY VALUE`` list ``opts`` into ``cfg``, then
+    register the datasets of ``DATASETS.CUSTOM_FILE`` (if set).
 
     An unknown key stops with a ``KeyError`` that names the key, where it came from and the
     closest known keys (yacs only says "Non-existent key").
     """
-    import difflib
-
-    for source, merge in ((config_file, lambda: cfg.merge_from_file(config_file)),
-                          ("the command line", lambda: cfg.merge_from_list(list(opts)))):
+    steps = [("the command line", lambda: cfg.merge_from_list(list(opts)))]
+    if config_file is not None:
+        steps.insert(0, (config_file, lambda: cfg.merge_from_file(config_file)))
+    for source, merge in steps:
         try:
             merge()
         except (AssertionError, KeyError) as e:
@@ -165,21 +150,28 @@ def merge_config(cfg: CN, config_file: str, opts) -> CN:
                            f"mask2former/config.py, continual/config.py and detectron2's defaults.") from None
     if cfg.DATASETS.get("CUSTOM_FILE"):
         # registered here, so that every process and every tool has the datasets it names
-        from mask2former.data.datasets.register_custom import register_custom_dataset
-
         register_custom_dataset(cfg.DATASETS.CUSTOM_FILE)
+    return cfg
+
+
+def setup_cfg(config_file: Optional[str] = None, opts: Sequence[str] = (), *, freeze: bool = False) -> CN:
+    """A config with every key of the project, merged from ``config_file`` (if any) and the
+    ``KEY VALUE`` list ``opts`` by :func:`merge_config` (unknown keys stop with suggestions).
+
+    Run names are not derived here (see :func:`setup_continual_names`).
+    """
+    cfg = get_cfg()
+    add_maskformer2_config(cfg)
+    add_continual_config(cfg)
+    merge_config(cfg, str(config_file) if config_file else None, opts)
+    if freeze:
+        cfg.freeze()
     return cfg
 
 
 def _main(argv=None) -> None:
     """``python -m continual.config output-dir --config-file F [KEY VALUE ...]`` prints the
     step folder ``OUTPUT_DIR`` a run with these arguments uses (for the scenario scripts)."""
-    import argparse
-
-    from detectron2.config import get_cfg
-
-    from mask2former.config import add_maskformer2_config
-
     parser = argparse.ArgumentParser(prog="python -m continual.config output-dir")
     parser.add_argument("--config-file", required=True)
     parser.add_argument("opts", nargs=argparse.REMAINDER)
@@ -187,10 +179,7 @@ def _main(argv=None) -> None:
     if not argv or argv[0] != "output-dir":
         parser.error("the only command is: output-dir --config-file FILE [KEY VALUE ...]")
     args = parser.parse_args(argv[1:])
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    merge_config(cfg, args.config_file, args.opts)
+    cfg = setup_cfg(args.config_file, args.opts)
     setup_continual_names(cfg)
     print(cfg.OUTPUT_DIR)
 

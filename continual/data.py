@@ -5,12 +5,17 @@ table from :meth:`continual.scenario.Scenario.label_lut`. The builders select th
 ``CONT.TASK`` for training (:func:`build_step_train_loader`) and use the whole validation set
 for testing (:func:`build_step_test_loader`).
 """
+import itertools
 import logging
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data.samplers import TrainingSampler
+from detectron2.utils import comm
 
+from .accumulation import micro_batch_size
 from .scenario import IGNORE_LABEL, LUT_SIZE, Scenario, step_index_cache_path
 
 __all__ = [
@@ -61,6 +66,25 @@ def remap_instances(instances, lut: torch.Tensor):
     return kept
 
 
+def _with_background(instances, sem_seg):
+    """``instances`` with the pixels of class 0 in ``sem_seg`` as a first instance of class 0."""
+    from detectron2.structures import BitMasks, Instances
+
+    if sem_seg is None:
+        raise ValueError("a background class (MODEL.MASK_FORMER.TEST.MASK_BG True with SEMANTIC_ON) needs the "
+                         "mapper's sem_seg to build the background target")
+    bg = sem_seg == 0
+    if not bool(bg.any()):
+        return instances
+    masks = instances.gt_masks
+    tensor = masks.tensor if hasattr(masks, "tensor") else masks
+    out = Instances(instances.image_size)
+    out.gt_classes = torch.cat([instances.gt_classes.new_zeros(1), instances.gt_classes])
+    stacked = torch.cat([bg[None].to(tensor.dtype), tensor])
+    out.gt_masks = BitMasks(stacked) if hasattr(masks, "tensor") else stacked
+    return out
+
+
 class ContinualMapper:
     """Runs ``base_mapper`` and rewrites its targets for one step of a scenario.
 
@@ -68,12 +92,17 @@ class ContinualMapper:
       background, old or future classes) or 255 are dropped.
     * ``sem_seg``: every pixel -> ``lut[value]`` (int64; 255 stays 255).
 
+    * ``background`` (a background class: ``MASK_BG`` with semantic inference): the pixels that
+      ``sem_seg`` maps to 0 (background, old and future classes) become one more instance of
+      class 0, placed first.
+
     Args:
         base_mapper: a Detectron2 mapper (dataset dict -> model input dict, or None to skip).
         lut: int array [256] from :meth:`Scenario.label_lut`.
+        background: add the background instance (training with a background class).
     """
 
-    def __init__(self, base_mapper: Callable[[dict], Optional[dict]], lut):
+    def __init__(self, base_mapper: Callable[[dict], Optional[dict]], lut, background: bool = False):
         lut = np.asarray(lut)
         if lut.shape != (LUT_SIZE,) or not np.issubdtype(lut.dtype, np.integer):
             raise ValueError(
@@ -82,6 +111,7 @@ class ContinualMapper:
             )
         self.base_mapper = base_mapper
         self.lut = torch.as_tensor(lut, dtype=torch.int64)
+        self.background = background
 
     @property
     def is_train(self):
@@ -96,10 +126,17 @@ class ContinualMapper:
             out["sem_seg"] = remap_labels(out["sem_seg"], self.lut)
         if "instances" in out:
             out["instances"] = remap_instances(out["instances"], self.lut)
+            if self.background:
+                out["instances"] = _with_background(out["instances"], out.get("sem_seg"))
         return out
 
     def __repr__(self) -> str:
         return f"ContinualMapper({self.base_mapper!r})"
+
+
+def _background_class(cfg) -> bool:
+    mf = cfg.MODEL.MASK_FORMER
+    return bool((mf.TEST.MASK_BG or mf.PER_PIXEL) and mf.TEST.SEMANTIC_ON)
 
 
 def build_step_train_loader(cfg, mapper: Callable, scenario: Optional[Scenario] = None):
@@ -121,9 +158,6 @@ def build_step_train_loader(cfg, mapper: Callable, scenario: Optional[Scenario] 
         batches of mapped dicts; with ``SOLVER.ACCUMULATE_STEPS A`` of micro-batches of
         ``IMS_PER_BATCH / (processes * A)`` images per process).
     """
-    from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
-    from detectron2.utils import comm
-
     scenario = scenario or Scenario.from_config(cfg)
     step = cfg.CONT.TASK
     dicts = get_detection_dataset_dicts(
@@ -153,12 +187,10 @@ def build_step_train_loader(cfg, mapper: Callable, scenario: Optional[Scenario] 
     lut = scenario.label_lut(step, train=True)
     sampler = ResumableTrainingSampler(len(subset))
     # with SOLVER.ACCUMULATE_STEPS A the loader yields micro-batches: A of them per step
-    from .accumulation import micro_batch_size
-
     world = comm.get_world_size()
     loader = build_detection_train_loader(
-        cfg, mapper=ContinualMapper(mapper, lut), dataset=subset, sampler=sampler,
-        total_batch_size=micro_batch_size(cfg, world) * world,
+        cfg, mapper=ContinualMapper(mapper, lut, background=_background_class(cfg)), dataset=subset,
+        sampler=sampler, total_batch_size=micro_batch_size(cfg, world) * world,
     )
     loader.resumable_sampler = sampler  # the trainer sets its start when resuming
     return loader
@@ -170,14 +202,10 @@ class ResumableTrainingSampler(torch.utils.data.Sampler):
     one. Set :attr:`start` (indices of this process) before iteration begins."""
 
     def __init__(self, size: int, shuffle: bool = True, seed: Optional[int] = None):
-        from detectron2.data.samplers import TrainingSampler
-
         self._sampler = TrainingSampler(size, shuffle=shuffle, seed=seed)
         self.start = 0
 
     def __iter__(self):
-        import itertools
-
         return itertools.islice(iter(self._sampler), self.start, None)
 
 
@@ -194,8 +222,6 @@ def build_step_test_loader(cfg, dataset_name: str, mapper: Callable, scenario: O
     Returns:
         a :class:`torch.utils.data.DataLoader` with batch size 1.
     """
-    from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
-
     scenario = scenario or Scenario.from_config(cfg, dataset_name)
     dicts = get_detection_dataset_dicts([dataset_name], filter_empty=False)
     lut = scenario.label_lut(cfg.CONT.TASK, train=False)

@@ -3,8 +3,8 @@
 The official code base runs these baselines at a step ``t = CONT.TASK > 0`` with
 ``CONT.NUM_PROMPTS 0``: the whole model is fine-tuned on the new classes while a frozen copy of
 the previous step's model (the *teacher*, ``model_old``) regularises it. With every ``CONT.DIST``
-key at its default this is plain fine-tuning. This module holds the loss side only; building,
-loading and freezing the teacher belongs to the trainer.
+key at its default this is plain fine-tuning. This module holds the losses and the teacher;
+the trainer calls :func:`setup_distillation` whenever a step starts or resumes.
 
 Settings (official names and defaults, ``continual/config.py``):
 
@@ -28,10 +28,18 @@ Settings (official names and defaults, ``continual/config.py``):
 ``CE_NEW``, ``EOS_POW``
 =====================  ==========================================================================
 
-API for the trainer::
+API for the trainer (``IncrementalTrainer.resume_or_load`` does this)::
 
-    from continual.distillation import (DistillationLoss, needs_teacher, teacher_needs_aux,
-                                        teacher_needs_features)
+    from continual.distillation import setup_distillation
+
+    # builds the teacher from the weights the step starts from (never the resume checkpoint)
+    # and installs a DistillationStep as the model's training loss; None for fine-tuning
+    setup_distillation(cfg, model, weights_the_step_starts_from)
+
+The pieces::
+
+    from continual.distillation import (DistillationLoss, build_teacher, needs_teacher,
+                                        teacher_needs_aux, teacher_needs_features)
 
     if needs_teacher(cfg):            # build the frozen model of step t-1 (eval mode)
         ...
@@ -56,16 +64,27 @@ Here both work as intended: the teacher is run whenever :func:`needs_teacher` sa
 """
 import logging
 import math
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.modeling import build_model
 
 from mask2former.modeling.criterion import SetCriterion, sigmoid_focal_class_loss, weight_losses
 from mask2former.modeling.matcher import HungarianMatcher
 
+from .checkpoint import check_checkpoint_for_step, read_model_state
+from .config import setup_cfg
+
 __all__ = [
     "DistillationLoss",
+    "DistillationStep",
+    "Teacher",
+    "build_teacher",
+    "setup_distillation",
+    "teacher_config",
+    "uses_distillation",
     "class_counts",
     "needs_teacher",
     "teacher_needs_aux",
@@ -533,3 +552,109 @@ class DistillationLoss:
         """The weighted losses (keys without a weight dropped); their sum is the step's loss."""
         return weight_losses(self.unweighted(outputs, outputs_old, targets, features, features_old, **injected),
                              self.weight_dict)
+
+
+# --------------------------------------------------------------------------- the teacher
+def uses_distillation(cfg) -> bool:
+    """Whether a step trains with :class:`DistillationLoss` instead of the model's criterion: a
+    step > 0 without prompts with some loss-changing ``CONT.DIST`` key set (with every key at
+    its default the baseline is plain fine-tuning, which the model's own criterion computes)."""
+    d = cfg.CONT.DIST
+    return (cfg.CONT.TASK > 0 and cfg.CONT.NUM_PROMPTS == 0
+            and (_kd_on(cfg) or bool(d.PSEUDO) or d.POD_WEIGHT > 0 or d.MASK_KD > 0 or bool(d.UCE)))
+
+
+def teacher_config(cfg):
+    """The config of the teacher: the step's config at ``CONT.TASK - 1`` (class heads of the
+    earlier steps only, no prompts) with the distillation keys at their defaults."""
+    defaults = setup_cfg()
+    tcfg = cfg.clone()
+    tcfg.defrost()
+    tcfg.CONT.TASK = cfg.CONT.TASK - 1
+    tcfg.CONT.NUM_PROMPTS = 0
+    tcfg.CONT.DIST = defaults.CONT.DIST.clone()
+    tcfg.CONT.WA_STEP = 0
+    tcfg.MODEL.WEIGHTS = ""
+    tcfg.freeze()
+    return tcfg
+
+
+class Teacher:
+    """The frozen model of step ``t - 1`` (see :func:`build_teacher`); not an ``nn.Module`` of
+    the student, so it is never saved, trained or switched to training mode with it.
+
+    Called with the student's normalised, padded image batch, it returns ``(outputs_old,
+    features_old)``: the raw head outputs in the training layout (``pred_logits [B, Q, C_old+1]``,
+    ``pred_masks``, ``aux_outputs``; ``features`` = the mask features when ``with_features``) and
+    the backbone features (``with_features``, for POD; else None). Runs without autograd.
+    """
+
+    def __init__(self, model: torch.nn.Module, with_features: bool = False):
+        self.model = model
+        self.with_features = with_features
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor):
+        m = self.model
+        if m.training:
+            m.eval()
+        features = m.backbone(images)
+        mask_features, _, multi_scale = m.sem_seg_head.pixel_decoder.forward_features(features)
+        outputs = m.sem_seg_head.predictor.forward_training_layout(multi_scale, mask_features)
+        if self.with_features:
+            outputs["features"] = mask_features
+            return outputs, features
+        return outputs, None
+
+
+def build_teacher(cfg, weights_path: str) -> Teacher:
+    """The teacher of step ``CONT.TASK``: the architecture of step ``t - 1`` loaded from
+    ``weights_path`` (the weights the step starts from: ``CONT.WEIGHTS`` or the previous step's
+    ``model_final.pth``, never the step's own resume checkpoint), keys matched exactly; every
+    parameter frozen, eval mode (BatchNorm running statistics)."""
+    if not weights_path or not os.path.isfile(weights_path):
+        raise FileNotFoundError(
+            f"the teacher of step {cfg.CONT.TASK} is the step {cfg.CONT.TASK - 1} model {weights_path!r}, which does "
+            f"not exist: train step {cfg.CONT.TASK - 1} first, or pass it with CONT.WEIGHTS <path>")
+    tcfg = teacher_config(cfg)
+    model = build_model(tcfg)
+    state = read_model_state(weights_path)
+    check_checkpoint_for_step(state, model, tcfg.CONT.TASK, previous_step=False, source=weights_path)
+    model.load_state_dict(state, strict=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    logger.info(f"teacher of step {cfg.CONT.TASK}: the step {tcfg.CONT.TASK} model from {weights_path}")
+    return Teacher(model, with_features=teacher_needs_features(cfg))
+
+
+class DistillationStep:
+    """The training loss of a baseline step, installed on the student with
+    ``MaskFormer.set_training_loss``: runs the teacher (when :func:`needs_teacher`), builds the
+    targets (with pseudo-labels) and returns the weighted :class:`DistillationLoss` dict."""
+
+    def __init__(self, cfg, teacher: Optional[Teacher]):
+        if needs_teacher(cfg) and teacher is None:
+            raise ValueError("this configuration needs the teacher (KD, PSEUDO or POD): pass build_teacher(...)")
+        self.loss = DistillationLoss(cfg)
+        self.teacher = teacher if needs_teacher(cfg) else None
+
+    def __call__(self, *, images: torch.Tensor, features: Dict, outputs: Dict, gt_instances, padded_size):
+        outputs_old = features_old = None
+        if self.teacher is not None:
+            outputs_old, features_old = self.teacher(images)
+        targets = self.loss.prepare_targets(gt_instances, padded_size, outputs_old)
+        return self.loss(outputs, outputs_old, targets, features, features_old)
+
+
+def setup_distillation(cfg, model: torch.nn.Module, weights_path: str) -> Optional[DistillationStep]:
+    """Install the baseline's loss (and teacher) on ``model`` (bare or DDP-wrapped) when
+    :func:`uses_distillation`; returns it (None otherwise, and the model keeps its criterion).
+    Called by the trainer whenever a step starts or resumes, with the weights the step starts
+    from."""
+    if not uses_distillation(cfg):
+        return None
+    teacher = build_teacher(cfg, weights_path) if needs_teacher(cfg) else None
+    step = DistillationStep(cfg, teacher)
+    getattr(model, "module", model).set_training_loss(step)
+    return step

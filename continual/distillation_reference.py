@@ -19,11 +19,9 @@ import os
 from typing import Dict, List, Optional
 
 import torch
-from detectron2.config import get_cfg
 
-from continual.config import add_continual_config
+from continual.config import setup_cfg
 from continual.distillation import DistillationLoss
-from mask2former.config import add_maskformer2_config
 
 __all__ = ["DistillationCheck", "load_distillation_config", "run_distillation_checks", "format_checks",
            "compare_gradient"]
@@ -45,9 +43,7 @@ class DistillationCheck:
 def load_distillation_config(fixture_dir: str):
     """The fixture's config merged over this project's defaults. Keys the official config has and
     ours lacks are accepted (they cannot influence the losses checked here)."""
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
+    cfg = setup_cfg()
     cfg.set_new_allowed(True)
     cfg.merge_from_file(os.path.join(fixture_dir, "config.yaml"))
     cfg.MODEL.DEVICE = "cpu"

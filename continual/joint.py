@@ -19,6 +19,7 @@ Outputs (step folder, ``metrics.json``, the CSV row in ``CONT.RESULTS_DIR/<TASK_
 use the scenario's ``TASK_NAME`` with step 0; the run ``NAME`` tells the joint row apart (the
 scenario scripts append ``_joint``).
 """
+from .config import task_name
 from .scenario import Scenario
 
 __all__ = ["is_joint", "check_joint", "training_config", "evaluation_config"]
@@ -82,8 +83,4 @@ def evaluation_config(cfg):
 
 
 def _task_name(cfg) -> str:
-    if cfg.get("TASK_NAME"):
-        return cfg.TASK_NAME
-    from .config import task_name
-
-    return task_name(cfg)
+    return cfg.TASK_NAME if cfg.get("TASK_NAME") else task_name(cfg)

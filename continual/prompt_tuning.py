@@ -7,6 +7,9 @@ checkpoint is loaded (which fills everything but step ``t``'s modules), then:
    to a copy of the base mask head and its class head to a copy of the no-object head;
 2. :func:`freeze_for_prompt_tuning` leaves only step ``t``'s modules (and the shared no-object
    head) trainable.
+
+Which modules are step ``t``'s is decided once, by the decoder's ``step_modules`` (see
+docs/design.md#per-step-modules).
 """
 import logging
 from typing import List
@@ -16,6 +19,7 @@ from torch import nn
 
 __all__ = [
     "get_predictor",
+    "predictor_prefix",
     "initialize_new_step",
     "freeze_for_prompt_tuning",
     "configure_trainable_parameters",
@@ -31,15 +35,17 @@ def get_predictor(model: nn.Module) -> nn.Module:
     return model.sem_seg_head.predictor
 
 
+def predictor_prefix(model: nn.Module) -> str:
+    """State-dict prefix of the transformer decoder in ``model`` (e.g. ``sem_seg_head.predictor.``)."""
+    pred = get_predictor(model)
+    bare = getattr(model, "module", model)
+    return next(name for name, m in bare.named_modules() if m is pred) + "."
+
+
 @torch.no_grad()
 def initialize_new_step(model: nn.Module) -> List[str]:
-    """Initialise the newest prompt set and class head from the base model, in place.
-
-    * every row of ``prompt_feat[-1]`` = mean of the rows of ``query_feat``;
-    * every row of ``prompt_embed[-1]`` (each per-layer table when deep) = mean of ``query_embed``;
-    * ``prompt_mask_embed[-1]`` = copy of ``mask_embed`` (when prompt mask MLPs exist);
-    * ``class_embed.cls[-1]`` = the no-object head ``cls[0]``, its single output row repeated
-      for every new class, so every new-class logit starts equal to the no-object logit.
+    """Initialise the modules of the newest step (the decoder's ``step_modules``) from the base
+    model, in place, by the decoder's ``initialize_step_module`` rules.
 
     Returns the names (relative to the predictor) of the tensors written.
     """
@@ -47,27 +53,9 @@ def initialize_new_step(model: nn.Module) -> List[str]:
     if pred.num_steps == 0:
         raise ValueError("initialize_new_step needs a model at step > 0 (CONT.TASK > 0)")
     written = []
-    if pred.has_prompts:
-        k = len(pred.prompt_feat) - 1
-        pred.prompt_feat[k].weight.copy_(pred.query_feat.weight.mean(0).expand_as(pred.prompt_feat[k].weight))
-        written.append(f"prompt_feat.{k}.weight")
-        mean_pos = pred.query_embed.weight.mean(0)
-        tables = pred.prompt_embed[k] if pred.prompt_deep else [pred.prompt_embed[k]]
-        for l, table in enumerate(tables):
-            table.weight.copy_(mean_pos.expand_as(table.weight))
-            written.append(f"prompt_embed.{k}.{l}.weight" if pred.prompt_deep else f"prompt_embed.{k}.weight")
-        if len(pred.prompt_mask_embed):
-            pred.prompt_mask_embed[k].load_state_dict(pred.mask_embed.state_dict())
-            written += [f"prompt_mask_embed.{k}.{n}" for n in pred.mask_embed.state_dict()]
-
-    heads = pred.class_embed.cls
-    new, no_obj = heads[len(heads) - 1], heads[0]
-    new_sd = new.state_dict()
-    for name, src in no_obj.state_dict().items():
-        dst = new_sd[name]
-        # same-shaped tensors (hidden layers) are copied; the output row is repeated
-        dst.copy_(src if src.shape == dst.shape else src.expand_as(dst))
-        written.append(f"class_embed.cls.{len(heads) - 1}.{name}")
+    for name, module in pred.step_modules(pred.num_steps).items():
+        if pred.initialize_step_module(name, module):
+            written += [f"{name}.{key}" for key in module.state_dict()]
     return written
 
 
@@ -99,10 +87,9 @@ def freeze_for_prompt_tuning(model: nn.Module, cont_cfg) -> None:
 
     set_grad(bare, False)
     heads = pred.class_embed.cls
-    set_grad(heads[len(heads) - 1], True)
+    for module in pred.step_modules(pred.num_steps).values():
+        set_grad(module, True)
     set_grad(heads[0], True)
-    set_grad(pred.prompt_feat[-1], True)
-    set_grad(pred.prompt_embed[-1], True)
     if not cont_cfg.BACKBONE_FREEZE:
         set_grad(bare.backbone, True)
     if not cont_cfg.PIXEL_DECODER_FREEZE:
@@ -114,11 +101,10 @@ def freeze_for_prompt_tuning(model: nn.Module, cont_cfg) -> None:
     if not cont_cfg.QUERY_EMBED_FREEZE:
         set_grad(pred.query_feat, True)
         set_grad(pred.query_embed, True)
+    # the step's own heads replace the shared ones
     if len(pred.prompt_mask_embed):
-        set_grad(pred.prompt_mask_embed[-1], True)
         set_grad(pred.mask_embed, False)
     if len(pred.prompt_no_obj_embed):
-        set_grad(pred.prompt_no_obj_embed[-1], True)
         set_grad(heads[0], False)
 
 

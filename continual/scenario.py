@@ -17,7 +17,7 @@ Class ids and contiguous ids
 Dataset dicts carry *contiguous ids*. For ADE20K (and the synthetic set) the two are equal. For
 COCO, Detectron2's contiguous ids are 0-based (person = 0) while the official order "c" is a
 permutation of 1..133. The official code compares them unshifted, so "person" is never trained
-and order entry 133 never occurs (ECLIPSE_SPEC.md 1.10). That is the default here; with
+and order entry 133 never occurs (docs/official_behaviours.md#coco-ids). That is the default here; with
 ``CONT.COCO_CORRECT_IDS True`` the contiguous ids of a 0-based dataset are shifted by +1 so that
 order entry ``k`` means COCO category ``k`` (class id = contiguous id + :attr:`id_offset`).
 
@@ -43,7 +43,13 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
+from detectron2.data import MetadataCatalog
+from detectron2.utils.file_io import PathManager
+from PIL import Image
 
+from mask2former.data.datasets.register_custom import check_order_classes
+
+from .config import task_name
 from .io import atomic_write
 
 __all__ = [
@@ -135,8 +141,6 @@ class Scenario:
             name=_cfg_task_name(cfg),
         )
         # a dataset registered from a description file: the order must name its classes
-        from mask2former.data.datasets.register_custom import check_order_classes
-
         check_order_classes(scenario.order, dataset_name)
         task = cfg.CONT.TASK
         if not isinstance(task, int) or not 0 <= task < scenario.num_steps:
@@ -412,8 +416,6 @@ def _increments(num_classes: int, base: int, inc: int) -> List[int]:
 def _cfg_task_name(cfg) -> str:
     if cfg.get("TASK_NAME"):
         return cfg.TASK_NAME
-    from .config import task_name
-
     return task_name(cfg)
 
 
@@ -424,8 +426,6 @@ def dataset_uses_zero_based_ids(dataset_name: str) -> bool:
     (0-based iff contiguous 0 comes from a dataset id other than 0), else from the name
     (``coco*``).
     """
-    from detectron2.data import MetadataCatalog
-
     meta = MetadataCatalog.get(dataset_name)
     mapping = {}
     for key in ("thing_dataset_id_to_contiguous_id", "stuff_dataset_id_to_contiguous_id"):
@@ -529,9 +529,6 @@ def _unique_ids(ids: Iterable[int]) -> np.ndarray:
 
 
 def _png_unique_values(path: str) -> np.ndarray:
-    from detectron2.utils.file_io import PathManager
-    from PIL import Image
-
     with PathManager.open(path, "rb") as f:
         array = np.asarray(Image.open(f))
     if array.dtype == np.uint8:

@@ -17,19 +17,29 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer, TrainerBase, hooks
+from detectron2.data import DatasetMapper, MetadataCatalog
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import DatasetEvaluators
+from detectron2.modeling import build_model as build_detectron2_model
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mask2former.data.dataset_mappers import build_train_mapper
+
 from . import joint
 from .accumulation import build_step_trainer
 from .checkpoint import check_checkpoint_for_step, read_model_state
-from .prompt_tuning import configure_trainable_parameters, initialize_new_step, trainable_parameter_names
+from .compat import WeightAligningHook, check_continual_keys
+from .config import step_output_dir
+from .costs import TrainingCostHook
+from .data import build_step_test_loader, build_step_train_loader
+from .distillation import setup_distillation
+from .evaluation import ContinualPanopticEvaluator, ContinualSemSegEvaluator
+from .evaluation.results import write_metrics_json, write_official_results
+from .prompt_tuning import configure_trainable_parameters, get_predictor, initialize_new_step, trainable_parameter_names
 
 __all__ = ["IncrementalTrainer", "previous_step_weights", "build_param_groups", "StepAlreadyFinishedError"]
 
@@ -48,8 +58,6 @@ class StepAlreadyFinishedError(RuntimeError):
 def previous_step_weights(cfg) -> str:
     """``OUTPUT_ROOT/TASK_NAME/NAME/step<t-1>/model_final.pth``: what step ``t`` starts from
     when ``CONT.WEIGHTS`` is not set."""
-    from .config import step_output_dir
-
     return os.path.join(
         step_output_dir(cfg.OUTPUT_ROOT, cfg.TASK_NAME, cfg.NAME, cfg.CONT.TASK - 1), "model_final.pth"
     )
@@ -97,6 +105,23 @@ def _with_full_model_clipping(optim_cls, clip_norm: float, norm_type: float):
     return FullModelClipping
 
 
+# ------------------------------------------------------------------ Detectron2 internals
+# The only private Detectron2 attributes this package touches, each behind one function.
+
+
+def _replace_data_stream(trainer: SimpleTrainer, stream) -> None:
+    """Make ``trainer`` read its batches from ``stream``. SimpleTrainer creates its iterator
+    lazily in the private ``_data_loader_iter_obj`` and has no public setter; a resumed step
+    needs its own stream to restore torch's RNG after the loader has drawn its seed."""
+    trainer._data_loader_iter_obj = stream
+
+
+def _last_eval_results(trainer: DefaultTrainer):
+    """The results of the last evaluation: DefaultTrainer keeps them in the private
+    ``_last_eval_results`` and returns them from ``train()`` only with ``TEST.EXPECTED_RESULTS``."""
+    return getattr(trainer, "_last_eval_results", None)
+
+
 class IncrementalTrainer(DefaultTrainer):
     """Trains and evaluates one step ``CONT.TASK`` of a continual scenario."""
 
@@ -107,6 +132,7 @@ class IncrementalTrainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        check_continual_keys(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
@@ -139,12 +165,9 @@ class IncrementalTrainer(DefaultTrainer):
     # ------------------------------------------------------------------ builders
     @classmethod
     def build_model(cls, cfg) -> nn.Module:
-        """The model of step ``CONT.TASK`` with the step's trainable set (spec 1.8); with
-        ``CONT.JOINT`` one step with every class (:func:`continual.joint.training_config`)."""
-        from detectron2.modeling import build_model
-
-        cfg = joint.training_config(cfg)
-        model = build_model(cfg)
+        """The model of step ``CONT.TASK`` with the step's trainable set (docs/design.md#per-step-modules);
+        with ``CONT.JOINT`` one step with every class (:func:`continual.joint.training_config`)."""
+        model = build_detectron2_model(joint.training_config(cfg))
         configure_trainable_parameters(model, cfg)
         names = trainable_parameter_names(model)
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -175,31 +198,22 @@ class IncrementalTrainer(DefaultTrainer):
 
     @classmethod
     def build_lr_scheduler(cls, cfg, optimizer):
-        # handles WarmupPolyLR (ADE) and falls back to detectron2's schedulers (COCO)
+        # handles WarmupPolyLR (ADE) and falls back to detectron2's schedulers (COCO). Imported
+        # here: detectron2.projects is optional in a Detectron2 install and only training needs it.
         from detectron2.projects.deeplab import build_lr_scheduler
 
         return build_lr_scheduler(cfg, optimizer)
 
     @classmethod
     def build_train_loader(cls, cfg):
-        from mask2former.data.dataset_mappers import build_train_mapper
-
-        from .data import build_step_train_loader
-
         return build_step_train_loader(joint.training_config(cfg), build_train_mapper(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        from detectron2.data import DatasetMapper
-
-        from .data import build_step_test_loader
-
         return build_step_test_loader(joint.evaluation_config(cfg), dataset_name, DatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        from .evaluation import ContinualPanopticEvaluator, ContinualSemSegEvaluator
-
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
         cfg = joint.evaluation_config(cfg)  # CONT.JOINT: the split of the scenario's last step
         kind = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
@@ -222,6 +236,12 @@ class IncrementalTrainer(DefaultTrainer):
         for h in hook_list:
             if isinstance(h, hooks.PeriodicCheckpointer):
                 h.max_to_keep = 1
+        # before the checkpointer and evaluation hooks: times the iterations alone, and writes
+        # its file before the final evaluation
+        hook_list.insert(2, TrainingCostHook(self.cfg.OUTPUT_DIR))
+        if self.cfg.CONT.WA_STEP > 0 and self.cfg.CONT.TASK > 0:
+            # before the checkpointer and evaluation hooks, which then see the aligned heads
+            hook_list.insert(2, WeightAligningHook(get_predictor(self.model).class_embed))
         return hook_list
 
     # ------------------------------------------------------------------ weights
@@ -235,6 +255,8 @@ class IncrementalTrainer(DefaultTrainer):
         """
         cfg = self.cfg
         step = cfg.CONT.TASK
+        # the baselines' teacher: always the weights the step starts from, also when resuming
+        setup_distillation(cfg, self.model, self.step_start_weights(cfg))
         final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
         if resume and self.checkpointer.has_checkpoint():
             path = self.checkpointer.get_checkpoint_file()
@@ -286,7 +308,7 @@ class IncrementalTrainer(DefaultTrainer):
             yield first
             yield from batches
 
-        self._trainer._data_loader_iter_obj = resumed_stream()
+        _replace_data_stream(self._trainer, resumed_stream())
 
     def state_dict(self):
         state = super().state_dict()
@@ -338,7 +360,7 @@ class IncrementalTrainer(DefaultTrainer):
                      "No checkpoint of this step was written yet (see SOLVER.CHECKPOINT_PERIOD).")
             raise FloatingPointError(f"{e}\nStep {self.cfg.CONT.TASK} stopped. {where}") from e
         if comm.is_main_process():
-            results = results or getattr(self, "_last_eval_results", None)
+            results = results or _last_eval_results(self)
             if results:
                 write_step_results(self.cfg, results, train=True)
         return results
@@ -348,9 +370,6 @@ def write_step_results(cfg, results: Dict, train: bool) -> None:
     """Write the results of one step: ``OUTPUT_DIR/eval_results.json``, the run's
     ``metrics.json`` (every step), and after training the official CSV rows in
     ``CONT.RESULTS_DIR/<TASK_NAME>.csv``."""
-    from .config import step_output_dir
-    from .evaluation.results import write_metrics_json, write_official_results
-
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     with open(os.path.join(cfg.OUTPUT_DIR, "eval_results.json"), "w") as f:
         json.dump(_to_builtin(results), f, indent=2)

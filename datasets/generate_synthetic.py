@@ -75,6 +75,11 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from detectron2.data.datasets import load_sem_seg  # noqa: E402
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES  # noqa: E402
+from pycocotools import mask as mask_util  # noqa: E402
+
+from continual.scenario import Scenario, shipped_split_names  # noqa: E402
 from mask2former.data.datasets.catalog_utils import datasets_root
 from mask2former.data.datasets.panoptic_files import (
     save_json,
@@ -320,10 +325,6 @@ def _write_ade20k_split(root: str, split: str, num_images: int, height: int, wid
 def _write_ade20k_semantic_split_files(root: str, dest: str) -> List[str]:
     """``<dest>/mya_<B>-<I>-ov.npy`` for every shipped identity-order ADE20K-semantic partition:
     the overlap membership of the generated training images (see the module docstring)."""
-    from detectron2.data.datasets import load_sem_seg
-
-    from continual.scenario import Scenario, shipped_split_names
-
     folder = ADE20K_SPLIT_FOLDERS["train"]
     # the loader of myade20k_sem_seg_train lists the images in this order
     dicts = load_sem_seg(os.path.join(root, "annotations", folder), os.path.join(root, "images", folder),
@@ -389,16 +390,12 @@ def generate_ade20k(
 
 # ------------------------------------------------------------------------------------- COCO
 def _coco_categories() -> List[Dict]:
-    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-
     return [{"id": c["id"], "name": c["name"], "isthing": c["isthing"], "color": list(c["color"])}
             for c in COCO_CATEGORIES]
 
 
 def _write_coco_split(root: str, split: str, num_images: int, height: int, width: int, seed: int,
                       max_things: int, min_things: int) -> Dict[str, str]:
-    from pycocotools import mask as mask_util
-
     image_dir = os.path.join(root, f"{split}2017")
     pan_dir = os.path.join(root, f"panoptic_{split}2017")
     sem_dir = os.path.join(root, f"panoptic_semseg_{split}2017")

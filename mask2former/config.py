@@ -1,20 +1,26 @@
-"""Config keys of the Mask2Former base network, with the ECLIPSE additions.
+"""Config keys the network reads: Mask2Former's, with the ECLIPSE additions.
 
-Every key and default matches the official implementation (ECLIPSE_SPEC.md section 2.2), so
-the official YAML files and command-line overrides are accepted unchanged.
+Every key and default matches the official implementation (docs/design.md#configuration), so
+the official YAML files and command-line overrides are accepted unchanged. This includes the
+``CONT.*`` keys that shape the network (class groups of the step, prompt banks, class head,
+logit manipulation): they keep their official ``CONT`` names, but are defined here because
+the network reads them; :func:`continual.config.add_continual_config` adds the protocol's keys
+to the same node.
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_maskformer2_config"]
+__all__ = ["add_maskformer2_config", "NETWORK_CONT_KEYS"]
 
 
 def add_maskformer2_config(cfg: CN) -> None:
-    """Add the ``MODEL.MASK_FORMER``, ``MODEL.SWIN`` and related keys to ``cfg`` in place.
+    """Add the ``MODEL.MASK_FORMER``, ``MODEL.SWIN``, network ``CONT`` and related keys to
+    ``cfg`` in place.
 
     Also adds the DeepLab keys (poly LR schedule, crop constraint, ResNet dilation options)
     that the Mask2Former YAML files use.
     """
     _add_deeplab_keys(cfg)
+    _add_network_cont_keys(cfg)
 
     # data
     cfg.INPUT.DATASET_MAPPER_NAME = "mask_former_semantic"
@@ -109,6 +115,33 @@ def add_maskformer2_config(cfg: CN) -> None:
     sw.PATCH_NORM = True
     sw.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
     sw.USE_CHECKPOINT = False
+
+
+# the CONT keys read by mask2former/ (the rest of CONT belongs to continual/config.py)
+NETWORK_CONT_KEYS = (
+    "BASE_CLS", "INC_CLS", "TASK", "USE_BIAS", "COSINE", "NUM_PROMPTS", "SOFTCLS", "PROMPT_DEEP",
+    "PROMPT_MASK_MLP", "PROMPT_NO_OBJ_MLP", "DEEP_CLS", "LOGIT_MANI_DELTAS", "PROMPT_SUPERVISE_ALL_LAYERS",
+)
+
+
+def _add_network_cont_keys(cfg: CN) -> None:
+    c = cfg.CONT = CN()
+    # classes of step 0 and of every later step; the step being trained / evaluated
+    c.BASE_CLS = 15
+    c.INC_CLS = 5
+    c.TASK = 0
+    c.USE_BIAS = True  # bias of the class heads
+    c.COSINE = False  # cosine classifier (bias-free heads, scaled cosine logits)
+    c.NUM_PROMPTS = 10  # prompts per incremental step; must be 0 at step 0
+    c.SOFTCLS = True  # softmax (True) or sigmoid (False) class scores; the scripts use False
+    c.PROMPT_DEEP = False
+    c.PROMPT_MASK_MLP = False
+    c.PROMPT_NO_OBJ_MLP = False
+    c.DEEP_CLS = False
+    c.LOGIT_MANI_DELTAS = None  # None, a float, or a list with one delta per query group
+    # not in the official code: supervise every decoder layer at steps > 0 (the official
+    # code supervises only the pre-decoder prediction and the last layer)
+    c.PROMPT_SUPERVISE_ALL_LAYERS = False
 
 
 def _add_deeplab_keys(cfg: CN) -> None:

@@ -1,7 +1,7 @@
 """The ``MaskFormer`` meta-architecture: normalise and pad images, run backbone and head,
 compute the set-prediction losses in training and post-process in inference."""
 from contextlib import nullcontext
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -39,7 +39,7 @@ def _class_loss_type(cfg) -> str:
         f"MODEL.MASK_FORMER.FOCAL={focal} with CONT.SOFTCLS={softcls} is not supported: use "
         "FOCAL True + CONT.SOFTCLS False (ECLIPSE's sigmoid focal loss, all official scripts) or "
         "FOCAL False + CONT.SOFTCLS True (Mask2Former's softmax cross-entropy). The official "
-        "sigmoid cross-entropy for FOCAL False + SOFTCLS False is broken (ECLIPSE_SPEC 1.10.8)."
+        "sigmoid cross-entropy for FOCAL False + SOFTCLS False is broken (docs/official_behaviours.md)."
     )
 
 
@@ -67,13 +67,6 @@ def build_criterion(cfg, num_classes: int) -> SetCriterion:
     )
 
 
-def _no_grad_if_frozen(module: nn.Module):
-    """``torch.no_grad()`` when nothing in ``module`` is trainable, so that a frozen backbone or
-    pixel decoder keeps no autograd graph (prompt tuning at steps > 0)."""
-    frozen = not any(p.requires_grad for p in module.parameters())
-    return torch.no_grad() if frozen else nullcontext()
-
-
 @META_ARCH_REGISTRY.register()
 class MaskFormer(nn.Module):
     """Mask2Former for continual semantic / panoptic / instance segmentation.
@@ -90,7 +83,6 @@ class MaskFormer(nn.Module):
         backbone: Backbone,
         sem_seg_head: nn.Module,
         criterion: SetCriterion,
-        num_queries: int,
         size_divisibility: int,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
@@ -102,7 +94,6 @@ class MaskFormer(nn.Module):
             backbone: a Detectron2 backbone.
             sem_seg_head: :class:`MaskFormerHead`.
             criterion: the training criterion (its ``weight_dict`` weights the losses).
-            num_queries: number of base queries.
             size_divisibility: pad the batch to a multiple of this (<0: the backbone's).
             pixel_mean, pixel_std: per-channel normalisation of the input images.
             postprocess: inference settings, see :class:`PostProcessSettings`.
@@ -112,7 +103,6 @@ class MaskFormer(nn.Module):
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion
-        self.num_queries = num_queries
         if size_divisibility < 0:
             size_divisibility = self.backbone.size_divisibility
         self.size_divisibility = size_divisibility
@@ -120,22 +110,23 @@ class MaskFormer(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.postprocess_settings = postprocess
         self.shift_labels = shift_labels
+        self._training_loss = None
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
         backbone = build_backbone(cfg)
         sem_seg_head = build_sem_seg_head(cfg, backbone.output_shape())
-        num_classes = sum(step_class_groups(cfg.CONT.BASE_CLS, cfg.CONT.INC_CLS, cfg.CONT.TASK))
         mf = cfg.MODEL.MASK_FORMER
+        use_bg = (mf.TEST.MASK_BG or mf.PER_PIXEL) and mf.TEST.SEMANTIC_ON
+        # a background class is class 0 of the base head (one more class)
+        num_classes = sum(step_class_groups(cfg.CONT.BASE_CLS + int(use_bg), cfg.CONT.INC_CLS, cfg.CONT.TASK))
         # the official code reads the thing classes from the training set's metadata
         metadata = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]) if cfg.DATASETS.TRAIN else None
         thing_ids = getattr(metadata, "thing_dataset_id_to_contiguous_id", {}).values() if metadata else ()
-        use_bg = (mf.TEST.MASK_BG or mf.PER_PIXEL) and mf.TEST.SEMANTIC_ON
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
             "criterion": build_criterion(cfg, num_classes),
-            "num_queries": mf.NUM_OBJECT_QUERIES,
             "size_divisibility": mf.SIZE_DIVISIBILITY,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
@@ -153,15 +144,6 @@ class MaskFormer(nn.Module):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         return ImageList.from_tensors(images, self.size_divisibility)
 
-    def head_outputs(self, features: Dict[str, Tensor]) -> Dict:
-        """Run the head on backbone features; a frozen pixel decoder runs without autograd."""
-        head = self.sem_seg_head
-        if not self.training:
-            return head(features)
-        with _no_grad_if_frozen(head.pixel_decoder):
-            mask_features, _, multi_scale = head.pixel_decoder.forward_features(features)
-        return head.predictor(multi_scale, mask_features, None)
-
     def prepare_targets(self, gt_instances, padded_size: Tuple[int, int]) -> List[Dict]:
         """Instances -> criterion targets ``{"labels": [n], "masks": bool [n, Hp, Wp]}``."""
         h_pad, w_pad = padded_size
@@ -174,6 +156,17 @@ class MaskFormer(nn.Module):
             labels = inst.gt_classes - 1 if self.shift_labels else inst.gt_classes.clone()
             targets.append({"labels": labels, "masks": padded})
         return targets
+
+    def set_training_loss(self, loss) -> None:
+        """Compute the training losses with ``loss`` instead of the criterion (the distillation
+        baselines, ``continual.distillation.setup_distillation``; None restores the criterion).
+
+        ``loss(images=, features=, outputs=, gt_instances=, padded_size=)`` gets the normalised
+        padded batch, the backbone features, the head outputs (training layout, with the mask
+        features as ``outputs["features"]``) and the ground truth, and returns the weighted
+        losses. It is not a submodule: a teacher it holds is neither saved nor trained.
+        """
+        self._training_loss = loss
 
     def losses(self, outputs: Dict, targets: List[Dict], **injected) -> Dict[str, Tensor]:
         """Weighted losses; keys without a weight are dropped. ``injected`` is passed to the
@@ -199,14 +192,19 @@ class MaskFormer(nn.Module):
             :func:`postprocess_batch`).
         """
         images = self.preprocess_images(batched_inputs)
-        with _no_grad_if_frozen(self.backbone) if self.training else nullcontext():
+        # a frozen backbone (prompt tuning) keeps no autograd graph
+        frozen = self.training and not any(p.requires_grad for p in self.backbone.parameters())
+        with torch.no_grad() if frozen else nullcontext():
             features = self.backbone(images.tensor)
-        outputs = self.head_outputs(features)
+        outputs = self.sem_seg_head(features)
         padded_size = tuple(images.tensor.shape[-2:])
         if self.training:
             if "instances" not in batched_inputs[0]:
                 raise ValueError("training inputs need 'instances' (use a MaskFormer dataset mapper)")
             gt = [x["instances"].to(self.device) for x in batched_inputs]
+            if self._training_loss is not None:
+                return self._training_loss(images=images.tensor, features=features, outputs=outputs,
+                                           gt_instances=gt, padded_size=padded_size)
             return self.losses(outputs, self.prepare_targets(gt, padded_size))
         output_sizes = [self._output_size(x, s) for x, s in zip(batched_inputs, images.image_sizes)]
         return self.postprocess(outputs, images.image_sizes, output_sizes, padded_size)

@@ -37,6 +37,12 @@
 #   PRINT_SETTINGS=1     print the scenario's settings (KEY=VALUE lines) and run nothing
 #   MODE                 image membership: overlap (default, the official scripts), disjoint,
 #                        sequential
+#   METHOD               eclipse (default) | ft | mib | plop | comformer: the steps > 0 train
+#                        ECLIPSE's prompts, or a baseline that fine-tunes the whole model
+#                        (CONT.NUM_PROMPTS 0) with the CONT.DIST keys of select_method below;
+#                        the run NAME gets the suffix _<METHOD>
+#   BASELINE_ITERS, BASELINE_LR  iterations / learning rate of a baseline's steps (default:
+#                        400 per new class, 5e-5)
 set -euo pipefail
 # the variables that select a variant, captured before a scenario script sets its own values
 USER_CONFIG=${CONFIG:-}
@@ -152,8 +158,37 @@ select_variant() {
     fi
 }
 
+# Sets STEP_OPTS (the keys of steps > 0), METHOD_SUFFIX and EVAL_DELTA_OPTS for METHOD.
+# Baselines: the hyper-parameters of CoMFormer's ADE20K panoptic scripts (400 iterations per new
+# class at learning rate 5e-5, class weight 2 as at step 0); see README, "The distillation
+# baselines", for the source of every value.
+select_method() {
+    local method=${METHOD:-eclipse}
+    METHOD_SUFFIX=; EVAL_DELTA_OPTS=(CONT.LOGIT_MANI_DELTAS "$EVAL_DELTAS")
+    if [ "$method" = eclipse ]; then
+        STEP_OPTS=(CONT.NUM_PROMPTS "$PROMPTS" MODEL.MASK_FORMER.CLASS_WEIGHT 10.0
+            CONT.BACKBONE_FREEZE True CONT.CLS_HEAD_FREEZE True CONT.MASK_HEAD_FREEZE True
+            CONT.PIXEL_DECODER_FREEZE True CONT.QUERY_EMBED_FREEZE True CONT.TRANS_DECODER_FREEZE True
+            CONT.PROMPT_MASK_MLP True CONT.PROMPT_NO_OBJ_MLP False CONT.PROMPT_DEEP True CONT.DEEP_CLS True)
+        STEP_ITERS=$ITERS; STEP_LR=$LR; STEP_DELTA_OPTS=(CONT.LOGIT_MANI_DELTAS "$TRAIN_DELTAS")
+        return 0
+    fi
+    local dist
+    case "$method" in
+        ft) dist=() ;;
+        mib) dist=(CONT.DIST.UCE True CONT.DIST.UKD True CONT.DIST.KD_WEIGHT 10.0) ;;
+        plop) dist=(CONT.DIST.PSEUDO True CONT.DIST.POD_WEIGHT 0.001) ;;
+        comformer) dist=(CONT.DIST.PSEUDO True CONT.DIST.KD_WEIGHT 10.0 CONT.DIST.UKD True CONT.DIST.KD_REW True) ;;
+        *) die "unknown METHOD=$method: use eclipse, ft, mib, plop or comformer" ;;
+    esac
+    STEP_OPTS=(CONT.NUM_PROMPTS 0 MODEL.MASK_FORMER.CLASS_WEIGHT 2.0 CONT.DEEP_CLS True "${dist[@]}")
+    STEP_ITERS=${BASELINE_ITERS:-$((INC * 400))}; STEP_LR=${BASELINE_LR:-0.00005}
+    STEP_DELTA_OPTS=(); EVAL_DELTA_OPTS=(); METHOD_SUFFIX=_$method
+}
+
 run_scenario() {
     select_variant
+    select_method
     QUERIES=${NUM_QUERIES:-$QUERIES}
     if [ "$VARIANT_DEFAULT" != 1 ]; then  # the released checkpoints are those of the scripts' variant
         STEP0_CKPT=; FINAL_CKPT=
@@ -166,7 +201,9 @@ run_scenario() {
         echo "NUM_GPUS=$(count_gpus)"
         echo "IMS_PER_DEVICE=${IMS_PER_DEVICE:-$PER_DEVICE_DEFAULT}"
         echo "VARIANT_OPTS=${VARIANT_OPTS[*]}"
-        echo "NAME=${NAME:-$DEFAULT_NAME$VARIANT}$([ "${JOINT:-0}" = 1 ] && echo _joint)"
+        echo "METHOD=${METHOD:-eclipse}"
+        echo "STEP_OPTS=${STEP_OPTS[*]} SOLVER.MAX_ITER $STEP_ITERS SOLVER.BASE_LR $STEP_LR"
+        echo "NAME=${NAME:-$DEFAULT_NAME$VARIANT$METHOD_SUFFIX}$([ "${JOINT:-0}" = 1 ] && echo _joint)"
         return 0
     fi
     local python=${PYTHON:-python}
@@ -174,7 +211,7 @@ run_scenario() {
     [ -d "$data" ] || die "dataset root DETECTRON2_DATASETS=$data does not exist: prepare the datasets as in datasets/README.md and export DETECTRON2_DATASETS=/path/to/datasets"
     export DETECTRON2_DATASETS=$data
     local gpus; gpus=$(count_gpus)
-    local name=${NAME:-$DEFAULT_NAME$VARIANT}
+    local name=${NAME:-$DEFAULT_NAME$VARIANT$METHOD_SUFFIX}
     local output_root=${OUTPUT_ROOT:-$DEFAULT_OUTPUT_ROOT}
     local first=${FIRST_STEP:-1} last=${LAST_STEP:-$STEPS}
     local resume=(); [ "${RESUME:-0}" = 1 ] && resume=(--resume)
@@ -188,12 +225,10 @@ run_scenario() {
         MODEL.MASK_FORMER.DICE_WEIGHT 5.0 MODEL.MASK_FORMER.MASK_WEIGHT 5.0
         MODEL.MASK_FORMER.SOFTMASK False CONT.SOFTCLS False
         SOLVER.MAX_IMS_PER_DEVICE "${IMS_PER_DEVICE:-$PER_DEVICE_DEFAULT}")
-    local vpt=(CONT.NUM_PROMPTS "$PROMPTS" MODEL.MASK_FORMER.CLASS_WEIGHT 10.0
-        CONT.BACKBONE_FREEZE True CONT.CLS_HEAD_FREEZE True CONT.MASK_HEAD_FREEZE True
-        CONT.PIXEL_DECODER_FREEZE True CONT.QUERY_EMBED_FREEZE True CONT.TRANS_DECODER_FREEZE True
-        CONT.PROMPT_MASK_MLP True CONT.PROMPT_NO_OBJ_MLP False CONT.PROMPT_DEEP True CONT.DEEP_CLS True)
+    local vpt=("${STEP_OPTS[@]}")
 
     if [ "${JOINT:-0}" = 1 ]; then  # the joint upper bound replaces the continual steps
+        [ "${METHOD:-eclipse}" = eclipse ] || die "JOINT=1 trains the joint upper bound, which has no continual method: unset METHOD (METHOD=$METHOD)"
         echo "== joint upper bound: all $((BASE + STEPS * INC)) classes in one step, evaluated with the $BASE-$INC split"
         "$python" "$REPO_ROOT/train_continual.py" "${common[@]}" "${resume[@]}" \
             MODEL.MASK_FORMER.CLASS_WEIGHT 2.0 CONT.NUM_PROMPTS 0 CONT.DEEP_CLS True CONT.TASK 0 CONT.JOINT True \
@@ -220,8 +255,8 @@ run_scenario() {
         local weights=(); [ "$t" = 1 ] && weights=(CONT.WEIGHTS "$step0")
         echo "== step $t of $STEPS: $INC new classes"
         "$python" "$REPO_ROOT/train_continual.py" "${common[@]}" "${resume[@]}" "${vpt[@]}" \
-            CONT.TASK "$t" SOLVER.MAX_ITER "$ITERS" SOLVER.BASE_LR "$LR" TEST.EVAL_PERIOD "$EVAL_PERIOD" \
-            SOLVER.CHECKPOINT_PERIOD 500000 "${weights[@]}" CONT.LOGIT_MANI_DELTAS "$TRAIN_DELTAS" \
+            CONT.TASK "$t" SOLVER.MAX_ITER "$STEP_ITERS" SOLVER.BASE_LR "$STEP_LR" TEST.EVAL_PERIOD "$EVAL_PERIOD" \
+            SOLVER.CHECKPOINT_PERIOD 500000 "${weights[@]}" "${STEP_DELTA_OPTS[@]}" \
             NAME "$name" WANDB False "${extra[@]}"
     done
 
@@ -231,9 +266,9 @@ run_scenario() {
             final=$(task_output "$python" "$output_root" "$name" "$STEPS" "${common[@]}" "${extra[@]}")/model_final.pth
         fi
         [ -f "$final" ] || die "final checkpoint $final not found: train all $STEPS steps first, or set EVAL_WEIGHTS${FINAL_CKPT:+ (e.g. the released $(basename "$FINAL_CKPT"))}"
-        echo "== evaluation of step $STEPS with deltas $EVAL_DELTAS"
+        echo "== evaluation of step $STEPS${EVAL_DELTA_OPTS[*]:+ with deltas $EVAL_DELTAS}"
         "$python" "$REPO_ROOT/train_continual.py" --eval-only "${common[@]}" "${vpt[@]}" \
-            CONT.TASK "$STEPS" CONT.WEIGHTS "$final" CONT.LOGIT_MANI_DELTAS "$EVAL_DELTAS" \
+            CONT.TASK "$STEPS" CONT.WEIGHTS "$final" "${EVAL_DELTA_OPTS[@]}" \
             NAME "$name" WANDB False "${extra[@]}"
     fi
 }

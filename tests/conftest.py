@@ -34,17 +34,9 @@ def load_script(relative_path):
 
 def build_cfg(config_file=None, opts=()):
     """A frozen config with the project's keys, merged from ``config_file`` and ``opts``."""
-    from detectron2.config import get_cfg
+    from continual.config import setup_cfg
 
-    from continual.config import add_continual_config
-    from mask2former.config import add_maskformer2_config
-
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    if config_file:
-        cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(list(opts))
+    cfg = setup_cfg(config_file, opts)
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 

@@ -51,15 +51,15 @@ def test_accumulation_plan_errors_name_the_keys():
 
 
 def test_fixed_normaliser_and_the_check_of_the_counted_masks():
-    from mask2former.modeling.criterion import SetCriterion
+    from mask2former.modeling.criterion import SetCriterion, fixed_num_masks
 
     criterion = SetCriterion(3, matcher=None, weight_dict={}, eos_coef=0.1, losses=["labels"], num_points=4,
                              oversample_ratio=3.0, importance_sample_ratio=0.75)
     targets = [{"labels": torch.tensor([0, 1])}, {"labels": torch.tensor([2])}]
     assert criterion.get_num_masks(targets, "cpu") == 3.0
-    with criterion.fixed_num_masks(2.5, 3):
+    with fixed_num_masks(2.5, 3):
         assert criterion.get_num_masks(targets, "cpu") == 2.5
-    with criterion.fixed_num_masks(2.5, 4), pytest.raises(RuntimeError, match="counted 4 target masks .* received 3"):
+    with fixed_num_masks(2.5, 4), pytest.raises(RuntimeError, match="counted 4 target masks .* received 3"):
         criterion.get_num_masks(targets, "cpu")
     assert criterion.get_num_masks(targets, "cpu") == 3.0  # restored
 

@@ -79,6 +79,22 @@ def test_unknown_config_key_is_named_with_the_closest_known_key():
     assert "Did you mean CONT.NUM_PROMPTS" in str(err.value)
 
 
+def test_setup_cfg_suggests_keys_and_needs_the_network_keys_first(tmp_path):
+    from detectron2.config import get_cfg
+
+    from continual.config import add_continual_config, setup_cfg
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"_BASE_: {SYNTHETIC}\nCONT:\n  BACKBONE_FREEZ: True\n")
+    with pytest.raises(KeyError) as err:
+        setup_cfg(bad)
+    assert f"CONT.BACKBONE_FREEZ in {bad}" in str(err.value) and "Did you mean CONT.BACKBONE_FREEZE" in str(err.value)
+    cfg = setup_cfg(SYNTHETIC, ["CONT.TASK", "2"], freeze=True)
+    assert cfg.CONT.TASK == 2 and cfg.is_frozen()
+    with pytest.raises(KeyError, match="add_maskformer2_config"):
+        add_continual_config(get_cfg())
+
+
 def test_task_beyond_the_scenario_is_refused():
     from continual.scenario import Scenario
 
@@ -116,3 +132,13 @@ def test_non_finite_loss_stops_with_iteration_and_terms_and_keeps_the_checkpoint
     assert not (step_dir / "model_final.pth").exists()
     saved = torch.load(step_dir / "model_0000001.pth", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in saved.values() if v.is_floating_point())
+
+
+def test_broken_official_class_loss_combination_is_refused():
+    from mask2former.maskformer_model import build_criterion
+
+    cfg = build_cfg(SYNTHETIC, ["MODEL.MASK_FORMER.FOCAL", "False", "CONT.SOFTCLS", "False"])
+    with pytest.raises(NotImplementedError, match="FOCAL=False with CONT.SOFTCLS=False"):
+        build_criterion(cfg, 5)
+    cfg = build_cfg(SYNTHETIC, ["MODEL.MASK_FORMER.FOCAL", "True", "CONT.SOFTCLS", "False"])
+    assert build_criterion(cfg, 5).class_loss == "focal"

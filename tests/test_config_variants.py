@@ -182,9 +182,9 @@ def rel(path):
      "adss_100_10"),
     ("ade_ss/100_50.sh", {"BACKBONE": "swin_b", "ORDER": "b"},
      "ade20k/semantic-segmentation/swin/maskformer2_swin_base_384_bs16_160k_res640.yaml", "b", "adss_100_50_swin_b"),
-    ("coco_ps/83_5.sh", {}, "coco/panoptic-segmentation/continual_c.yaml", None, "cocops_83_5"),
+    ("coco_ps/83_5.sh", {}, "coco/panoptic-segmentation/continual_c.yaml", None, "coco-ps_83_5"),
     ("coco_ps/83_10.sh", {"BACKBONE": "swin_t"},
-     "coco/panoptic-segmentation/swin/maskformer2_swin_tiny_bs16_50ep.yaml", "c", "cocops_83_10_swin_t"),
+     "coco/panoptic-segmentation/swin/maskformer2_swin_tiny_bs16_50ep.yaml", "c", "coco-ps_83_10_swin_t"),
 ])
 def test_scripts_pick_the_variant_config(script, env, config, opts_order, name):
     settings, err = script_settings(script, **env)

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from detectron2.config import get_cfg
 
-from continual.config import add_continual_config, setup_continual_names
-from mask2former.config import add_maskformer2_config
+from continual.config import setup_cfg, setup_continual_names
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -37,13 +35,8 @@ ALLOWED_DIFFERENCES_AFTER_STEP0 = {"MODEL.WEIGHTS"}
 
 
 def load_config(path, opts=()):
-    """Build a config the way the entry points do: defaults + project keys + YAML + overrides."""
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    cfg.merge_from_file(str(path))
-    cfg.merge_from_list(list(opts))
-    return cfg
+    """Build a config the way the entry points do (continual.config.setup_cfg)."""
+    return setup_cfg(path, opts)
 
 
 def resolved_official(manifest):
@@ -74,10 +67,7 @@ def same_value(a, b):
 
 def default_values():
     """Every key this project defines, at its default value."""
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    return flatten(yaml.safe_load(cfg.dump()))
+    return flatten(yaml.safe_load(setup_cfg().dump()))
 
 
 def differences(ours, official, allowed=ALLOWED_DIFFERENCES):

@@ -1,5 +1,5 @@
 """Tests of the ECLIPSE transformer decoder, its class head, the logit manipulation and the
-step initialisation / freezing rules (ECLIPSE_SPEC.md sections 1.2-1.5, 1.7, 1.8).
+step initialisation / freezing rules (docs/design.md#method and #per-step-modules).
 
 Most tests build a small decoder directly from its constructor; the freezing tests and the
 end-to-end training checks build the tiny model of ``tests/fixtures/ade_ps_t3_deltas_pos``
@@ -15,19 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Instances
 from torch import nn
 
 import mask2former  # noqa: F401  (registers the meta-architecture, head and decoders)
-from continual.config import add_continual_config
+from continual.config import setup_cfg
 from continual.prompt_tuning import (
     freeze_for_prompt_tuning,
     initialize_new_step,
     trainable_parameter_names,
 )
-from mask2former.config import add_maskformer2_config
 from mask2former.modeling.transformer_decoder.classifier import IncrementalClassifier
 from mask2former.modeling.transformer_decoder.logit_manipulation import (
     DEACTIVATED_LOGIT,
@@ -101,12 +99,7 @@ def as_model(decoder):
 
 
 def tiny_cfg(*opts):
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    cfg.merge_from_file(str(TINY_CONFIG))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
-    return cfg
+    return setup_cfg(TINY_CONFIG, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
 
 
 def tiny_model(*opts, seed=0):
@@ -129,7 +122,7 @@ def train_inputs(num_classes, size=32, seed=0):
 
 
 def reference_manipulation(logits, query_sizes, class_sizes, deltas, no_obj=None):
-    """Per-query restatement of ECLIPSE_SPEC 1.5 (written independently of the module)."""
+    """Per-query restatement of the logit manipulation (docs/design.md#method) (written independently of the module)."""
     out = logits.clone()
     n_cls = sum(class_sizes)
     q_bounds = [sum(query_sizes[:g]) for g in range(len(query_sizes) + 1)]
@@ -776,7 +769,7 @@ PRED = "sem_seg_head.predictor."
 
 
 def _script_trainable(names, step=3, mask_mlp=True, no_obj=False):
-    """ECLIPSE_SPEC 1.8: cls[0] + cls[t+1] + prompt_feat[t-1] + prompt_embed[t-1] + prompt_mask_embed[t-1]."""
+    """The freezing rule (docs/design.md#per-step-modules): cls[0] + cls[t+1] + prompt_feat[t-1] + prompt_embed[t-1] + prompt_mask_embed[t-1]."""
     k = step - 1
     prefixes = [f"{PRED}class_embed.cls.{step + 1}.", f"{PRED}prompt_feat.{k}.", f"{PRED}prompt_embed.{k}."]
     prefixes.append(f"{PRED}class_embed.cls.0." if not no_obj else f"{PRED}prompt_no_obj_embed.{k}.")
@@ -809,7 +802,7 @@ def test_freeze_script_flags(script_model):
     trainable = _trainable_after(model, cfg)
     expected = _script_trainable(names)
     assert trainable == expected
-    # the hand-written list of ECLIPSE_SPEC 1.8 for step 3 (3 decoder layers)
+    # the hand-written list of the freezing rule for step 3 (3 decoder layers)
     listed = {f"{PRED}prompt_feat.2.weight"} | {f"{PRED}prompt_embed.2.{l}.weight" for l in range(3)}
     listed |= {f"{PRED}{h}.layers.{i}.{w}" for h in ("class_embed.cls.0", "class_embed.cls.4",
                                                      "prompt_mask_embed.2")

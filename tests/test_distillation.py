@@ -9,10 +9,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from detectron2.config import get_cfg
 
 from conftest import REPO
-from continual.config import add_continual_config
+from continual.config import setup_cfg
 from continual.distillation import (
     DistillationLoss,
     add_pseudo_labels,
@@ -33,7 +32,6 @@ from continual.distillation import (
     unbiased_log_probs,
 )
 from continual.distillation_reference import compare_gradient, format_checks, run_distillation_checks
-from mask2former.config import add_maskformer2_config
 from mask2former.modeling.criterion import sigmoid_focal_class_loss
 
 DIST_FIXTURES = sorted(p.parent for p in (REPO / "tests" / "fixtures" / "distillation").glob("*/manifest.json"))
@@ -84,9 +82,7 @@ def test_missing_and_zero_gradients_are_different_results():
 
 # ----------------------------------------------------------------------------- config
 def _cfg(task=1, **dist):
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
+    cfg = setup_cfg()
     cfg.CONT.BASE_CLS, cfg.CONT.INC_CLS, cfg.CONT.TASK, cfg.CONT.NUM_PROMPTS = 4, 2, task, 0
     mf = cfg.MODEL.MASK_FORMER
     mf.DEC_LAYERS, mf.TRAIN_NUM_POINTS, mf.DEEP_SUPERVISION = 3, 64, True
@@ -102,8 +98,7 @@ def _cfg(task=1, **dist):
 
 
 def test_official_dist_keys_and_defaults():
-    d = get_cfg()
-    add_continual_config(d)
+    d = setup_cfg()
     assert dict(d.CONT.DIST) == {
         "POD_WEIGHT": 0.0, "KD_WEIGHT": 0.0, "ALPHA": 1.0, "UCE": False, "UKD": False, "L2": False,
         "KD_REW": False, "KD_DEEP": False, "USE_NEW": False, "CE_NEW": False, "EOS_POW": 0.0, "PSEUDO": False,

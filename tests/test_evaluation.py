@@ -1,5 +1,5 @@
 """Continual evaluation: PQ against panopticapi, order mapping, split arithmetic, semantic
-confusion-matrix metrics and the result files (ECLIPSE_SPEC.md section 6)."""
+confusion-matrix metrics and the result files (docs/design.md#evaluation)."""
 import contextlib
 import io
 import json
@@ -208,6 +208,9 @@ def test_panoptic_hand_computed(dataset, tmp_path):
         "PQ_old": 175 / 3, "RQ_old": 200 / 3,
         "PQ_new": 0.0, "PQ_novel": 0.0, "RQ_novel": 0.0,
         "PQ-1": 100.0, "PQ-3": 75.0, "RQ-3": 100.0, "PQ-2": 0.0, "PQ-0": 0.0,
+        # segment counts: wall and person matched, floor missed (base); the car is a FP (novel)
+        "TP_base": 2, "FP_base": 0, "FN_base": 1, "TP_novel": 0, "FP_novel": 1, "FN_novel": 0,
+        "TP": 2, "FP": 1, "FN": 1,
     }
     for k, v in expected.items():
         assert res[k] == pytest.approx(v), k
@@ -362,9 +365,10 @@ def test_semantic_evaluator_by_hand(tmp_path):
     # C = 3 (base 2, inc 1, step 1): N = 4 classes incl. background 0
     ev = ContinualSemSegEvaluator("dummy", 3, 2, 1, 1, output_dir=str(tmp_path / "inf"), per_class_csv_name="Exp")
     ev.reset()
-    ev.process([{"sem_seg": torch.as_tensor(SEM_GT)}], [{"sem_seg": _one_hot(SEM_PRED, 4)}])
+    ev.process([{"sem_seg": torch.as_tensor(SEM_GT), "file_name": "/img/a.jpg"}], [{"sem_seg": _one_hot(SEM_PRED, 4)}])
     # a second image that is all ignore changes nothing
-    ev.process([{"sem_seg": torch.full((2, 2), 255)}], [{"sem_seg": _one_hot(np.zeros((2, 2), int), 4)}])
+    ev.process([{"sem_seg": torch.full((2, 2), 255), "file_name": "/img/b.jpg"}],
+               [{"sem_seg": _one_hot(np.zeros((2, 2), int), 4)}])
     res = ev.evaluate()["sem_seg"]
     iou = [1 / 2, 2 / 3, 1 / 2, 1 / 2]  # tp / (gt + pred - tp): 1/2, 2/3, 1/2, 1/2
     acc = [1 / 2, 1.0, 1 / 2, 1.0]
@@ -387,8 +391,32 @@ def test_semantic_evaluator_by_hand(tmp_path):
         assert res[f"IoU-{i}"] == pytest.approx(100 * iou[i], rel=1e-6)
         assert res[f"ACC-{i}"] == pytest.approx(100 * acc[i], rel=1e-6)
     assert (tmp_path / "inf" / "sem_seg_evaluation.pth").exists()
-    text = (tmp_path / "inf" / "iou.csv").read_text()
-    assert text.startswith("Exp,1,50.0.66.66") and not text.endswith("\n")
+    # the official per-class rows: float32 values joined by ".", no newline
+    assert (tmp_path / "inf" / "iou.csv").read_text() == "Exp,1,50.0.66.66667.50.0.50.0"
+    assert (tmp_path / "inf" / "acc.csv").read_text() == "Exp,1,50.0.100.0.50.0.100.0"
+    # sem_seg_predictions.json: one RLE per predicted class and image, ids = order positions
+    import pycocotools.mask as mask_util
+
+    entries = json.loads((tmp_path / "inf" / "sem_seg_predictions.json").read_text())
+    assert [(e["file_name"], e["category_id"]) for e in entries] == [
+        ("/img/a.jpg", 0), ("/img/a.jpg", 1), ("/img/a.jpg", 2), ("/img/a.jpg", 3), ("/img/b.jpg", 0)]
+    for e in entries[:4]:
+        rle = dict(e["segmentation"], counts=e["segmentation"]["counts"].encode())
+        np.testing.assert_array_equal(mask_util.decode(rle), (SEM_PRED == e["category_id"]).astype(np.uint8))
+    # a second evaluation appends to the per-class files
+    ev.evaluate()
+    assert (tmp_path / "inf" / "iou.csv").read_text() == "Exp,1,50.0.66.66667.50.0.50.0" * 2
+
+
+def test_semantic_prediction_ids_through_the_metadata(tmp_path):
+    ev = ContinualSemSegEvaluator("dummy", 3, 2, 1, 1, output_dir=str(tmp_path), category_ids={0: 0, 1: 10, 2: 20, 3: 30})
+    ev.process([{"sem_seg": torch.as_tensor(SEM_GT), "file_name": "a.jpg"}], [{"sem_seg": _one_hot(SEM_PRED, 4)}])
+    ev.evaluate()
+    entries = json.loads((tmp_path / "sem_seg_predictions.json").read_text())
+    assert [e["category_id"] for e in entries] == [0, 10, 20, 30]
+    ev = ContinualSemSegEvaluator("dummy", 3, 2, 1, 1, output_dir=str(tmp_path), category_ids={0: 0, 1: 10})
+    with pytest.raises(ValueError, match="predicted class 2 has no category id"):
+        ev.process([{"sem_seg": torch.as_tensor(SEM_GT), "file_name": "a.jpg"}], [{"sem_seg": _one_hot(SEM_PRED, 4)}])
 
 
 def test_semantic_absent_class_and_step0():

@@ -1,4 +1,5 @@
 """The whole model against the official implementation's recorded outputs (tests/fixtures)."""
+import json
 import shutil
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from conftest import REFERENCE_FIXTURES, REPO
-from mask2former.utils.reference_check import format_table, run_checks
+from continual.reference_check import format_table, load_fixture_config, run_checks
 
 
 def test_fixtures_are_present():
@@ -54,3 +55,56 @@ def test_cli_rejects_a_folder_without_manifest(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 1
     assert "no manifest.json" in res.stderr
+
+
+def _no_obj_mlp_variant(src, dst, newest_grad):
+    """A copy of a step > 0 fixture as the official code records it with
+    ``CONT.PROMPT_NO_OBJ_MLP True``: the per-step no-object heads are added, the newest one is
+    trainable instead of ``cls.0``, and its recorded gradient is ``newest_grad`` ("zeros" or None).
+    The recorded outputs stay valid: the fixture's deltas are all positive, so at inference the
+    heads' no-object logits are overwritten, and in training they write into empty row ranges."""
+    shutil.copytree(src, dst)
+    cfg_text = (dst / "config.yaml").read_text()
+    assert "PROMPT_NO_OBJ_MLP: false" in cfg_text
+    (dst / "config.yaml").write_text(cfg_text.replace("PROMPT_NO_OBJ_MLP: false", "PROMPT_NO_OBJ_MLP: true"))
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(1)
+    model = build_model(load_fixture_config(str(dst)))
+    ref = torch.load(dst / "model_head.pth", weights_only=True)["model"]
+    state = {k: ref.get(k, v) for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    torch.save({"model": state}, dst / "model_head.pth")
+
+    manifest = json.loads((dst / "manifest.json").read_text())
+    newest = max(int(k.split(".")[3]) for k in state if ".prompt_no_obj_embed." in k)
+    head_prefix = f"sem_seg_head.predictor.prompt_no_obj_embed.{newest}."
+    new_names = [k for k in state if k.startswith(head_prefix)]
+    names = [n for n in manifest["trainable_parameter_names"] if ".class_embed.cls.0." not in n]
+    manifest["trainable_parameter_names"] = names + new_names
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+
+    train = torch.load(dst / "train.pt", weights_only=True)
+    grads = {k: v for k, v in train["grads"].items() if ".class_embed.cls.0." not in k}
+    for k in new_names:
+        n = state[k].numel()
+        grads[k] = None if newest_grad is None else {
+            "shape": list(state[k].shape), "stride": 1, "values": torch.zeros(n), "norm": 0.0}
+    train["grads"] = grads
+    torch.save(train, dst / "train.pt")
+    return new_names
+
+
+def test_prompt_no_obj_mlp_heads_get_a_zero_gradient_not_none(tmp_path):
+    torch.set_num_threads(1)
+    fixture = REPO / "tests" / "fixtures" / "ade_ps_t3_deltas_pos"
+    names = _no_obj_mlp_variant(fixture, tmp_path / "zeros", newest_grad="zeros")
+    results = run_checks(str(tmp_path / "zeros"))
+    failed = [r for r in results if not r.ok]
+    assert not failed, format_table(failed)
+    checked = {r.name for r in results}
+    assert all(f"grad {n}" in checked for n in names)
+
+    # a recorded None is "no gradient": our zero gradient must not pass for it
+    _no_obj_mlp_variant(fixture, tmp_path / "none", newest_grad=None)
+    failed = {r.name for r in run_checks(str(tmp_path / "none")) if not r.ok}
+    assert failed == {f"grad {n}" for n in names}

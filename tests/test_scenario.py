@@ -366,6 +366,7 @@ def test_step_loaders(tmp_path, monkeypatch):
         "CONT.ORDER", SMALL_ORDER, "CONT.BASE_CLS", 2, "CONT.INC_CLS", 2, "CONT.TASK", 1,
         "TASK_NAME", "tin_2-2-ov", "SOLVER.IMS_PER_BATCH", 2, "DATALOADER.NUM_WORKERS", 0,
         "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 7,
+        "MODEL.MASK_FORMER.TEST.MASK_BG", False,  # no background class (tests/test_baselines.py has it)
     ]
     cfg = build_cfg(None, opts)
     loader = build_step_train_loader(cfg, _tiny_mapper)

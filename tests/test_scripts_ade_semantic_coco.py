@@ -30,3 +30,14 @@ def test_script_runs_every_step_and_the_final_evaluation(script, data_root, step
     res = run_script(script, data_root, tmp_path, STEP0_WEIGHTS=step0[script.split("/")[0]])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     check_full_sequence(script, tmp_path)
+
+
+@pytest.mark.parametrize("script,name", [("coco_ps/83_5.sh", "coco-ps_83_5"), ("coco_ps/83_10.sh", "coco-ps_83_10")])
+def test_coco_scripts_use_the_official_run_name_and_output_root(script, name):
+    # the official COCO scripts write under results/ade_ps with these NAME values; they appear
+    # in the results CSV rows and in the run folders
+    from script_runner import script_variables
+
+    v = script_variables(script)
+    assert v["DEFAULT_NAME"] == name
+    assert v["DEFAULT_OUTPUT_ROOT"] == "results/ade_ps"

@@ -60,3 +60,39 @@ def test_prompt_tuning_step_trains_only_the_new_prompts_and_reduces_the_loss():
     for n, p in model.named_parameters():
         if n in frozen_before:
             assert torch.equal(p, frozen_before[n]), f"frozen parameter {n} changed"
+
+
+def test_prompt_no_obj_mlp_gets_zero_gradients_and_weight_decay_as_in_the_official_code():
+    """With ``CONT.PROMPT_NO_OBJ_MLP True`` the newest no-object head stays in the training graph
+    without reaching the loss: its gradient is zeros (not None), so AdamW's decoupled weight
+    decay still shrinks it; older (frozen) heads get no gradient and stay unchanged."""
+    from continual.trainer import IncrementalTrainer
+
+    torch.manual_seed(0)
+    cfg = build_cfg(TINY, ["CONT.TASK", "2", "CONT.NUM_PROMPTS", "4", "CONT.PROMPT_NO_OBJ_MLP", "True",
+                           "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256", "SOLVER.WEIGHT_DECAY", "0.05"])
+    model = build_model(cfg)
+    initialize_new_step(model)
+    configure_trainable_parameters(model, cfg)
+    pred = model.sem_seg_head.predictor
+    newest, older = pred.prompt_no_obj_embed[-1], pred.prompt_no_obj_embed[0]
+    assert all(p.requires_grad for p in newest.parameters())
+    assert not any(p.requires_grad for p in pred.class_embed.cls[0].parameters())
+    before = {n: p.detach().clone() for n, p in pred.prompt_no_obj_embed.named_parameters()}
+
+    opt = IncrementalTrainer.build_optimizer(cfg, model)
+    model.train()
+    loss = sum(model(_batch(2, classes={9, 10})).values())
+    opt.zero_grad()
+    loss.backward()
+    for p in newest.parameters():
+        assert p.grad is not None and not p.grad.any()
+    assert all(p.grad is None for p in older.parameters())
+    opt.step()
+    lr, wd = cfg.SOLVER.BASE_LR, cfg.SOLVER.WEIGHT_DECAY
+    for n, p in pred.prompt_no_obj_embed.named_parameters():
+        if n.startswith("0."):
+            assert torch.equal(p, before[n]), n
+        else:  # a zero gradient leaves only the decay: p <- p * (1 - lr * wd)
+            torch.testing.assert_close(p.detach(), before[n] * (1 - lr * wd), rtol=0, atol=1e-7)
+            assert not torch.equal(p, before[n]), n

@@ -45,6 +45,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import torch  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from torch import nn  # noqa: E402
+
+import mask2former  # noqa: E402,F401  (registers the model)
+from continual.config import setup_cfg  # noqa: E402
+
 TINY_CONFIG = REPO / "tests" / "fixtures" / "ade_ps_t3_deltas_pos" / "config.yaml"
 REAL_CONFIG = REPO / "configs" / "ade20k" / "panoptic-segmentation" / "maskformer2_R50_bs16_160k.yaml"
 # the network-size overrides of the real model, used when REAL_CONFIG does not exist
@@ -74,42 +81,33 @@ SINGLE = "single group (both variants identical)"
 # --------------------------------------------------------------------------------------------
 # the official per-group self-attention loop
 # --------------------------------------------------------------------------------------------
-def _per_group_self_attention_class():
-    from torch import nn
+class PerGroupSelfAttention(nn.Module):
+    """Official per-group loop (reference): the shared self-attention layer applied to each
+    query group's slice separately, as the official ``forward_infer`` does, instead of one
+    call with a block-diagonal mask."""
 
-    class PerGroupSelfAttention(nn.Module):
-        """Official per-group loop (reference): the shared self-attention layer applied to each
-        query group's slice separately, as the official ``forward_infer`` does, instead of one
-        call with a block-diagonal mask."""
+    def __init__(self, layer: nn.Module, sizes):
+        super().__init__()
+        self.layer = layer
+        self.sizes = list(sizes)
 
-        def __init__(self, layer: nn.Module, sizes):
-            super().__init__()
-            self.layer = layer
-            self.sizes = list(sizes)
-
-        def forward(self, tgt, tgt_mask=None, tgt_key_padding_mask=None, query_pos=None):
-            if tgt_mask is None or len(self.sizes) <= 1:
-                return self.layer(tgt, tgt_mask=tgt_mask, tgt_key_padding_mask=tgt_key_padding_mask,
-                                  query_pos=query_pos)
-            if tgt.shape[0] != sum(self.sizes):
-                raise ValueError(f"{tgt.shape[0]} queries do not match the groups {self.sizes}")
-            import torch
-
-            outputs, start = [], 0
-            for n in self.sizes:
-                outputs.append(self.layer(tgt[start:start + n], tgt_mask=None, query_pos=query_pos[start:start + n]))
-                start += n
-            return torch.cat(outputs)
-
-    return PerGroupSelfAttention
+    def forward(self, tgt, tgt_mask=None, tgt_key_padding_mask=None, query_pos=None):
+        if tgt_mask is None or len(self.sizes) <= 1:
+            return self.layer(tgt, tgt_mask=tgt_mask, tgt_key_padding_mask=tgt_key_padding_mask,
+                              query_pos=query_pos)
+        if tgt.shape[0] != sum(self.sizes):
+            raise ValueError(f"{tgt.shape[0]} queries do not match the groups {self.sizes}")
+        outputs, start = [], 0
+        for n in self.sizes:
+            outputs.append(self.layer(tgt[start:start + n], tgt_mask=None, query_pos=query_pos[start:start + n]))
+            start += n
+        return torch.cat(outputs)
 
 
 @contextlib.contextmanager
 def official_per_group_loop(decoder):
     """Within the block, ``decoder`` runs the official per-group self-attention loop (reference)."""
-    from torch import nn
-
-    wrapper = _per_group_self_attention_class()
+    wrapper = PerGroupSelfAttention
     original = decoder.transformer_self_attention_layers
     decoder.transformer_self_attention_layers = nn.ModuleList(
         wrapper(layer, decoder.query_group_sizes) for layer in original
@@ -124,26 +122,16 @@ def official_per_group_loop(decoder):
 # one measurement (runs in a worker process)
 # --------------------------------------------------------------------------------------------
 def build_cfg(size: str, step: int):
-    from detectron2.config import get_cfg
-
-    from continual.config import add_continual_config
-    from mask2former.config import add_maskformer2_config
-
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    opts = []
-    if size == "tiny":
-        cfg.merge_from_file(str(TINY_CONFIG))
-    elif REAL_CONFIG.is_file():
-        cfg.merge_from_file(str(REAL_CONFIG))
-    else:
-        cfg.merge_from_file(str(TINY_CONFIG))
-        opts += REAL_SIZE_OVERRIDES
+    opts, config_file = [], TINY_CONFIG
+    if size != "tiny":
+        if REAL_CONFIG.is_file():
+            config_file = REAL_CONFIG
+        else:
+            opts += REAL_SIZE_OVERRIDES
     prompts = PROMPTS[size] if step > 0 else 0  # the official step 0 runs without prompts
     opts += ECLIPSE_100_5 + ["CONT.TASK", str(step), "CONT.NUM_PROMPTS", str(prompts),
                              "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
-    cfg.merge_from_list(opts)
+    cfg = setup_cfg(config_file, opts)
     # the evaluation deltas of script/ade_ps/100_5.sh ([0.4, 0.6 x 10]); set directly because the
     # YAML may hold a list or None
     cfg.CONT.LOGIT_MANI_DELTAS = [0.4, 0.6]
@@ -163,11 +151,6 @@ def _timed(fn, warmup: int, runs: int):
 
 def measure(spec: dict) -> dict:
     """Time the decoder and the whole model for one (size, step, variant)."""
-    import torch
-    from detectron2.modeling import build_model
-
-    import mask2former  # noqa: F401  (registers the model)
-
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     cfg = build_cfg(spec["size"], spec["step"])
@@ -218,8 +201,6 @@ def measure(spec: dict) -> dict:
 # driver
 # --------------------------------------------------------------------------------------------
 def machine_description(threads: int) -> str:
-    import torch
-
     cpu = "unknown CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -247,10 +228,10 @@ def cases(sizes):
                 yield size, step, LOOP
 
 
-def run_case(spec: dict, in_process: bool) -> dict:
-    if in_process:
-        return measure(spec)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+def run_worker(script: str, spec: dict) -> dict:
+    """Run ``script --worker SPEC`` in a fresh process with ``spec["threads"]`` threads; its JSON
+    result (the last line starting with ``{``)."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", json.dumps(spec)]
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
     if proc.returncode != 0:
@@ -261,6 +242,34 @@ def run_case(spec: dict, in_process: bool) -> dict:
     raise RuntimeError(f"no result from worker for {spec}:\n{proc.stdout[-2000:]}")
 
 
+def run_case(spec: dict, in_process: bool) -> dict:
+    return measure(spec) if in_process else run_worker(__file__, spec)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, runs: int, warmup: int) -> None:
+    """Options shared by the benchmarks: threads, runs, warm-up, sizes, image size, quick,
+    output, and the hidden ``--worker`` of the per-case subprocess."""
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--runs", type=int, default=runs, help=f"timed runs per measurement (default {runs})")
+    parser.add_argument("--warmup", type=int, default=warmup, help=f"untimed warm-up runs (default {warmup})")
+    parser.add_argument("--sizes", default="tiny,real", help="comma-separated subset of tiny,real")
+    parser.add_argument("--quick", action="store_true", help="1 warm-up run and 2 timed runs")
+    parser.add_argument("--image-size", type=int, default=512, help="square image side (default 512)")
+    parser.add_argument("--output", help="also write the Markdown report to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def answer_worker_or_prepare(args, measure_fn) -> bool:
+    """With ``--worker``: measure its case, print the JSON and return True (the process is a
+    worker). Otherwise apply ``--quick`` and return False."""
+    if args.worker:
+        print(json.dumps(measure_fn(json.loads(args.worker))))
+        return True
+    if args.quick:
+        args.warmup, args.runs = 1, 2
+    return False
+
+
 def _fmt(times):
     return f"{statistics.median(times):.1f} / {min(times):.1f}"
 
@@ -268,24 +277,12 @@ def _fmt(times):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    parser.add_argument("--runs", type=int, default=10, help="timed runs per measurement (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed warm-up runs (default 2)")
-    parser.add_argument("--sizes", default="tiny,real", help="comma-separated subset of tiny,real")
-    parser.add_argument("--quick", action="store_true", help="1 warm-up run and 2 timed runs")
-    parser.add_argument("--image-size", type=int, default=512, help="square image side (default 512)")
-    parser.add_argument("--output", help="also write the Markdown report to this file")
+    add_common_arguments(parser, runs=10, warmup=2)
     parser.add_argument("--in-process", action="store_true",
                         help="run every case in this process (no per-case peak RSS)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-
-    if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+    if answer_worker_or_prepare(args, measure):
         return 0
-
-    if args.quick:
-        args.warmup, args.runs = 1, 2
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = set(sizes) - set(PROMPTS)
     if unknown or not sizes:

@@ -21,16 +21,19 @@ Usage::
     python tools/benchmark_training.py --sizes tiny --image-size 256 --output train_bench.md
 """
 import argparse
-import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_inference import REPO, _timed, build_cfg, machine_description  # noqa: E402
+from benchmark_inference import (  # noqa: E402
+    _timed, add_common_arguments, answer_worker_or_prepare, build_cfg, machine_description, run_worker,
+)
+import torch  # noqa: E402
+from detectron2.structures import Instances  # noqa: E402
+
+from continual.trainer import IncrementalTrainer  # noqa: E402
 
 TRAIN_KEYS = [
     "CONT.BACKBONE_FREEZE", "True", "CONT.CLS_HEAD_FREEZE", "True", "CONT.MASK_HEAD_FREEZE", "True",
@@ -41,12 +44,6 @@ TRAIN_KEYS = [
 
 def measure(spec: dict) -> dict:
     """One training configuration: returns times (ms), trainable parameters and peak RSS."""
-    import torch
-    from detectron2.structures import Instances
-
-    import mask2former  # noqa: F401
-    from continual.trainer import IncrementalTrainer
-
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     cfg = build_cfg(spec["size"], spec["step"])
@@ -81,32 +78,13 @@ def measure(spec: dict) -> dict:
     }
 
 
-def run_case(spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(REPO))
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker failed for {spec}:\n{proc.stderr[-4000:]}")
-    return json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--sizes", default="tiny,real")
-    parser.add_argument("--image-size", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed iterations")
-    parser.add_argument("--output", help="also write the table (Markdown) to this file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_common_arguments(parser, runs=5, warmup=1)
+    parser.add_argument("--batch", type=int, default=2, help="images per iteration (default 2)")
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+    if answer_worker_or_prepare(args, measure):
         return 0
-    if args.quick:
-        args.warmup, args.runs = 1, 2
     lines = [machine_description(args.threads),
              f"- batch of {args.batch} random {args.image_size}x{args.image_size} images, "
              f"median / min of {args.runs} iterations after {args.warmup} warm-up",
@@ -117,7 +95,7 @@ def main(argv=None) -> int:
         for step in (0, 1):
             spec = {"size": size, "step": step, "threads": args.threads, "runs": args.runs,
                     "warmup": args.warmup, "image_size": args.image_size, "batch": args.batch}
-            r = run_case(spec)
+            r = run_worker(__file__, spec)
             lines.append(f"| {size} | {step} | {r['trainable']:,} of {r['total']:,} | "
                          f"{statistics.median(r['ms']):.0f} / {min(r['ms']):.0f} | {r['peak_rss_mb']:.0f} |")
             print(lines[-1], flush=True)

@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from mask2former.utils.reference_check import format_table, run_checks  # noqa: E402
+from continual.distillation_reference import format_checks, run_distillation_checks  # noqa: E402
+from continual.reference_check import format_table, run_checks  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -35,8 +36,6 @@ def main(argv=None) -> int:
         with open(os.path.join(path, "manifest.json")) as f:
             kind = json.load(f).get("kind")
         if kind == "distillation":
-            from continual.distillation_reference import format_checks, run_distillation_checks
-
             results = run_distillation_checks(path)
             table = format_checks(results)
         else:

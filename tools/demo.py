@@ -42,6 +42,21 @@ if REPO_ROOT not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.data.catalog import Metadata  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import mask2former  # noqa: E402,F401  (registers the model and the datasets' metadata)
+from continual.checkpoint import CheckpointMismatchError, check_checkpoint_for_step, read_model_state  # noqa: E402
+from continual.config import setup_cfg as build_config  # noqa: E402
+from continual.joint import training_config  # noqa: E402
+from continual.scenario import Scenario  # noqa: E402
+from mask2former.data.dataset_mappers.file_reading import read_image_file  # noqa: E402
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -99,17 +114,7 @@ def setup_cfg(config_file: str, opts: Sequence[str] = (), mode: Optional[str] = 
     ``mode`` None keeps the config's outputs (panoptic if ``PANOPTIC_ON``, else semantic).
     Returns ``(cfg, mode)``.
     """
-    from detectron2.config import get_cfg
-
-    import mask2former  # noqa: F401  (registers the model and the datasets' metadata)
-    from continual.config import add_continual_config
-    from mask2former.config import add_maskformer2_config
-
-    cfg = get_cfg()
-    add_maskformer2_config(cfg)
-    add_continual_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = build_config(config_file, opts)
     test = cfg.MODEL.MASK_FORMER.TEST
     if mode is None:
         mode = "panoptic" if test.PANOPTIC_ON else "semantic"
@@ -142,8 +147,6 @@ class ClassTable:
     def metadata(self, name: str = "eclipse_demo"):
         """A detectron2 ``Metadata`` whose class index is the order position (not registered in
         the global catalog), for the Visualizer."""
-        from detectron2.data.catalog import Metadata
-
         return Metadata(name=name).set(
             thing_classes=list(self.names), thing_colors=[list(c) for c in self.colors],
             stuff_classes=list(self.names), stuff_colors=[list(c) for c in self.colors],
@@ -171,10 +174,6 @@ def class_table(cfg, palette: str = "dataset") -> ClassTable:
     the scenario's id offset (1 only for COCO with ``CONT.COCO_CORRECT_IDS``). ``stuff_classes``
     of the ADE20K, COCO and synthetic metadata list every class by contiguous id.
     """
-    from detectron2.data import MetadataCatalog
-
-    from continual.scenario import Scenario
-
     dataset = cfg.DATASETS.TEST[0]
     meta = MetadataCatalog.get(dataset)
     scenario = Scenario.from_config(cfg, dataset)
@@ -246,16 +245,10 @@ class Predictor:
     """
 
     def __init__(self, cfg, weights: str):
-        from detectron2.checkpoint import DetectionCheckpointer
-        from detectron2.data import transforms as T
-        from detectron2.modeling import build_model
-
-        from continual.checkpoint import check_checkpoint_for_step, read_model_state
-
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"checkpoint {weights!r} does not exist")
         self.cfg = cfg
-        self.model = build_model(cfg).eval()
+        self.model = build_model(training_config(cfg)).eval()  # CONT.JOINT: one head for every class
         check_checkpoint_for_step(read_model_state(weights), self.model, cfg.CONT.TASK,
                                   previous_step=False, source=weights)
         DetectionCheckpointer(self.model).load(weights)
@@ -304,8 +297,6 @@ def _auto_scale(image: np.ndarray, scale: Optional[float]) -> float:
 def draw_panoptic(image_rgb: np.ndarray, panoptic_seg, segments_info, classes: ClassTable,
                   scale: Optional[float] = None) -> np.ndarray:
     """The panoptic prediction (segment ``category_id`` = order position) drawn over the image."""
-    from detectron2.utils.visualizer import ColorMode, Visualizer
-
     seg = panoptic_seg.cpu() if hasattr(panoptic_seg, "cpu") else torch.as_tensor(np.asarray(panoptic_seg))
     vis = Visualizer(image_rgb, classes.metadata(), scale=_auto_scale(image_rgb, scale),
                      instance_mode=ColorMode.IMAGE)
@@ -317,8 +308,6 @@ def draw_panoptic(image_rgb: np.ndarray, panoptic_seg, segments_info, classes: C
 def draw_semantic(image_rgb: np.ndarray, labels: np.ndarray, classes: ClassTable,
                   scale: Optional[float] = None) -> np.ndarray:
     """A semantic map of order positions (0 = no class, not drawn) drawn over the image."""
-    from detectron2.utils.visualizer import ColorMode, Visualizer
-
     shown = np.where(labels > 0, labels, _NOT_DRAWN)
     vis = Visualizer(image_rgb, classes.metadata(), scale=_auto_scale(image_rgb, scale),
                      instance_mode=ColorMode.IMAGE)
@@ -342,10 +331,6 @@ def run_on_images(predictor: Predictor, classes: ClassTable, files: Sequence[str
     Returns the per-image records (as written to ``<stem>.json``), with the paths of the
     overlays under ``"panoptic_overlay"`` / ``"semantic_overlay"``.
     """
-    from PIL import Image
-
-    from mask2former.data.dataset_mappers.file_reading import read_image_file
-
     os.makedirs(output, exist_ok=True)
     records = []
     for path, stem in zip(files, _unique_stems(files)):
@@ -375,10 +360,6 @@ def run_on_images(predictor: Predictor, classes: ClassTable, files: Sequence[str
 
 
 def main(argv=None) -> int:
-    from detectron2.utils.logger import setup_logger
-
-    from continual.checkpoint import CheckpointMismatchError
-
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     setup_logger(name="demo", abbrev_name="demo")

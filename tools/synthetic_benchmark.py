@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""The synthetic continual benchmark, end to end: ECLIPSE vs. fine-tuning on the 6-2 scenario.
+"""The synthetic continual benchmark, end to end: ECLIPSE vs. fine-tuning vs. CoMFormer on the
+6-2 scenario, with PQ and training costs.
 
     python tools/synthetic_benchmark.py [--output output/demo] [--quick] [--skip-baseline]
                                         [--data-root DIR] [--threads N] [--num-vis K] ...
@@ -11,23 +12,27 @@ What it does (this is ``make demo``):
 2. runs ``script/synthetic/6_2.sh`` (6 base classes, then 2 steps of 2) through the real
    ``train_continual.py``: step 0, the ECLIPSE steps 1 and 2 (frozen model, new prompts) with an
    evaluation after each, and the final evaluation with the evaluation deltas (run ``eclipse``);
-3. runs the same script as the **fine-tuning baseline** (run ``finetune``): steps 1 and 2 from the
-   same step-0 checkpoint with ``CONT.NUM_PROMPTS 0``, i.e. the whole model trained on the new
-   classes only (``--skip-baseline`` leaves it out);
-4. trains the **joint upper bound** (run ``joint``, ``JOINT=1``): one model on all 10 classes at
-   once, evaluated with the split of the last step (``--skip-joint`` leaves it out);
-5. prints a table of PQ base / old / new / all per step for both methods and checks the
-   expected behaviour (ECLIPSE keeps its base PQ and learns the new classes, fine-tuning
-   forgets the base classes), plots PQ across steps and draws the predictions of the final
-   models on a few validation images (``tools/demo.py``).
+3. runs the same script as the **fine-tuning baseline** (``METHOD=ft``, run ``finetune``) and as
+   **CoMFormer** (``METHOD=comformer``, run ``comformer``: fine-tuning regularised by the frozen
+   previous model, pseudo-labels and unbiased KD): steps 1 and 2 from the same step-0 checkpoint
+   with ``CONT.NUM_PROMPTS 0``, the whole model trained (``--skip-baseline`` leaves both out);
+   With ``--joint`` it also trains the **joint upper bound** (``JOINT=1``, run
+   ``all_classes_joint``): one model on all 10 classes at once, evaluated with the split of the
+   last step;
+4. prints a table per method and step of PQ base / old / new / all and the training costs
+   (trainable parameters, seconds per training iteration, peak memory; from each step's
+   ``training_costs.json``), checks the expected behaviour (ECLIPSE keeps its base PQ and
+   learns the new classes, fine-tuning forgets the base classes), plots PQ across steps and
+   draws the predictions of the final models on a few validation images (``tools/demo.py``).
 
 Progress is printed per stage with the elapsed time and an ETA; the full output of every command
 goes to ``<output>/logs/``. Outputs in ``--output``:
 
     summary.md / summary.json      the table, the checks and the settings
     pq_across_steps.png            PQ base / new / all across steps, both methods
-    vis/compare_<image>.png        image | ground truth | ECLIPSE | fine-tuning
-    vis/eclipse/, vis/finetune/    tools/demo.py overlays and segments JSON of each model
+    vis/compare_<image>.png        image | ground truth | ECLIPSE | fine-tuning | CoMFormer
+    vis/eclipse/, vis/finetune/,   tools/demo.py overlays and segments JSON of each model
+    vis/comformer/
     runs/<task>/<run>/metrics.json every metric of every step (written by the trainer)
     runs/<task>/<run>/step<t>/     checkpoints, config.yaml, log.txt, eval_results.json
     results/<task>.csv             the official CSV rows
@@ -54,12 +59,30 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")  # before pyplot: files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from panopticapi.utils import rgb2id  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+import demo  # noqa: E402  (tools/demo.py)
+from continual.costs import COSTS_FILE  # noqa: E402
+from continual.evaluation.results import read_metrics_json  # noqa: E402
 
 SCRIPT = os.path.join(REPO_ROOT, "script", "synthetic", "6_2.sh")
 GENERATOR = os.path.join(REPO_ROOT, "datasets", "generate_synthetic.py")
 TASK_NAME = "syn-pan_6-2-ov"
 ECLIPSE_NAME = "eclipse"
 FINETUNE_NAME = "finetune"
+COMFORMER_NAME = "comformer"
+#: the methods of the table, in order: (key = run name, label)
+METHODS = (("eclipse", "ECLIPSE"), ("finetune", "fine-tuning"), ("comformer", "CoMFormer"))
+COST_KEYS = ("trainable_parameters", "seconds_per_iteration", "peak_rss_mb")
 JOINT_NAME = "all_classes"  # the scripts append _joint: runs/<task>/all_classes_joint
 SPLITS = ("base", "old", "new", "all")
 _METRIC_KEYS = {"base": "PQ_base", "old": "PQ_old", "new": "PQ_new", "all": "PQ"}
@@ -67,11 +90,11 @@ DATA_STAMP = ".benchmark_data.json"
 
 #: dataset and run settings; ``None`` = the value of script/synthetic/6_2.sh
 PRESETS: Dict[str, Dict] = {
-    # fine-tuning: 400 iterations of the whole model take about as long as the 1000 prompt-tuning
-    # iterations of an ECLIPSE step; LR None = the step-0 LR
-    # joint: 500 iterations (half of step 0's) keep make demo short; see README
+    # the baselines (fine-tuning, CoMFormer): 200 iterations of the whole model each, at the
+    # step-0 LR (None), to keep the whole benchmark within its time budget; the joint upper
+    # bound (--joint, off by default): 500 iterations, half of step 0's
     "full": dict(num_train=300, num_val=100, size=128, max_things=4, step0_iters=None, iters=None,
-                 finetune_iters=400, finetune_lr=None, joint_iters=500, extra=[]),
+                 finetune_iters=200, finetune_lr=None, joint_iters=500, extra=[]),
     "quick": dict(num_train=16, num_val=4, size=64, max_things=4, step0_iters=6, iters=4,
                   finetune_iters=4, finetune_lr=None, joint_iters=6,
                   extra=["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
@@ -119,34 +142,73 @@ def _number(value) -> Optional[float]:
     return None if math.isnan(value) else value
 
 
-def combine_methods(eclipse: Mapping[int, Mapping], finetune: Optional[Mapping[int, Mapping]]) -> Dict[int, Dict]:
-    """Per step ``{"eclipse": row, "finetune": row}``; fine-tuning shares step 0 with ECLIPSE (it
-    starts from the same checkpoint), so its step 0 is ECLIPSE's when it has none of its own."""
-    steps = sorted(set(eclipse) | set(finetune or {}))
+def combine_methods(eclipse: Mapping[int, Mapping], finetune: Optional[Mapping[int, Mapping]],
+                    comformer: Optional[Mapping[int, Mapping]] = None) -> Dict[int, Dict]:
+    """Per step ``{"eclipse": row, "finetune": row, "comformer": row}`` (a method that did not run
+    is left out); the baselines share step 0 with ECLIPSE (they start from the same checkpoint),
+    so their step 0 is ECLIPSE's when they have none of their own. Works for any per-step rows
+    (PQ or costs)."""
+    others = {"finetune": finetune, "comformer": comformer}
+    steps = sorted(set(eclipse).union(*[set(v) for v in others.values() if v]))
     table = {}
     for step in steps:
-        ft = (finetune or {}).get(step)
-        if ft is None and step == 0 and finetune is not None:
-            ft = eclipse.get(0)
-        table[step] = {"eclipse": eclipse.get(step), "finetune": ft}
+        table[step] = {"eclipse": eclipse.get(step)}
+        for key, rows in others.items():
+            if rows is None:
+                continue
+            row = rows.get(step)
+            if row is None and step == 0:
+                row = eclipse.get(0)
+            table[step][key] = row
     return table
+
+
+def method_costs(run_dir: str) -> Dict[int, Dict]:
+    """``{step: {trainable_parameters, seconds_per_iteration, peak_rss_mb, ...}}`` from the
+    ``step<t>/training_costs.json`` files of one run (steps without the file are left out)."""
+    costs = {}
+    if not os.path.isdir(run_dir):
+        return costs
+    for name in os.listdir(run_dir):
+        m = re.fullmatch(r"step(\d+)", name)
+        path = os.path.join(run_dir, name, COSTS_FILE)
+        if m and os.path.isfile(path):
+            with open(path) as f:
+                costs[int(m.group(1))] = json.load(f)
+    return costs
 
 
 def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def format_table(table: Mapping[int, Mapping], with_finetune: bool = True) -> str:
-    """A Markdown table: one row per step, PQ base / old / new / all of each method."""
-    methods = [("eclipse", "ECLIPSE")] + ([("finetune", "fine-tuning")] if with_finetune else [])
-    header = ["step"] + [f"{label} {split}" for _, label in methods for split in SPLITS]
+def _fmt_cost(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "trainable_parameters":
+        return f"{int(value):,}"
+    if key == "seconds_per_iteration":
+        return f"{value:.3f}"
+    return f"{value:.0f}"
+
+
+def format_table(table: Mapping[int, Mapping], costs: Optional[Mapping[int, Mapping]] = None) -> str:
+    """A Markdown table: one row per method and step, PQ base / old / new / all and, with
+    ``costs`` (same layout as ``table``), trainable parameters, seconds per training iteration and
+    peak memory (MB) of training that step."""
+    methods = [(k, label) for k, label in METHODS if any(k in row for row in table.values())]
+    header = ["method", "step"] + [f"PQ {split}" for split in SPLITS]
+    if costs is not None:
+        header += ["trainable params", "s / iter", "peak MB"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for step, row in sorted(table.items()):
-        cells = [str(step)]
-        for key, _ in methods:
+    for key, label in methods:
+        for step, row in sorted(table.items()):
             values = row.get(key) or {}
-            cells += [_fmt(values.get(split)) for split in SPLITS]
-        lines.append("| " + " | ".join(cells) + " |")
+            cells = [label, str(step)] + [_fmt(values.get(split)) for split in SPLITS]
+            if costs is not None:
+                c = ((costs.get(step) or {}).get(key)) or {}
+                cells += [_fmt_cost(k, c.get(k)) for k in COST_KEYS]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -177,15 +239,11 @@ def acceptance_checks(table: Mapping[int, Mapping]) -> List[Dict]:
 
 def plot_pq(table: Mapping[int, Mapping], path: str, title: str = "Synthetic 6-2: PQ across steps") -> str:
     """Plot PQ base / new / all across steps (ECLIPSE solid, fine-tuning dashed) into ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     steps = sorted(table)
     colors = {"base": "tab:blue", "new": "tab:orange", "all": "tab:green"}
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for method, label, style in (("eclipse", "ECLIPSE", "-"), ("finetune", "fine-tuning", "--")):
+    for method, label, style in (("eclipse", "ECLIPSE", "-"), ("finetune", "fine-tuning", "--"),
+                                 ("comformer", "CoMFormer", ":")):
         if not any(table[s].get(method) for s in steps):
             continue
         for split in ("base", "new", "all"):
@@ -211,19 +269,21 @@ def plot_pq(table: Mapping[int, Mapping], path: str, title: str = "Synthetic 6-2
     return path
 
 
-def summarize(eclipse_metrics: str, finetune_metrics: Optional[str], output: str) -> Dict:
-    """Read the runs' ``metrics.json`` files and write ``summary.md``, ``summary.json`` and
-    ``pq_across_steps.png`` into ``output``. Returns the summary (``table``, ``checks``,
-    ``markdown``, ``plot``)."""
-    from continual.evaluation.results import read_metrics_json
-
-    eclipse = method_pq(read_metrics_json(eclipse_metrics))
-    finetune = method_pq(read_metrics_json(finetune_metrics)) if finetune_metrics else None
-    table = combine_methods(eclipse, finetune)
-    markdown = format_table(table, with_finetune=finetune is not None)
+def summarize(eclipse_metrics: str, finetune_metrics: Optional[str], output: str,
+              comformer_metrics: Optional[str] = None) -> Dict:
+    """Read the runs' ``metrics.json`` files (and the ``training_costs.json`` of their steps, in
+    the same folders) and write ``summary.md``, ``summary.json`` and ``pq_across_steps.png`` into
+    ``output``. Returns the summary (``table``, ``costs``, ``checks``, ``markdown``, ``plot``)."""
+    paths = {"eclipse": eclipse_metrics, "finetune": finetune_metrics, "comformer": comformer_metrics}
+    pq = {k: method_pq(read_metrics_json(p)) if p else None for k, p in paths.items()}
+    cost = {k: method_costs(os.path.dirname(p)) if p else None for k, p in paths.items()}
+    table = combine_methods(pq["eclipse"], pq["finetune"], pq["comformer"])
+    costs = combine_methods(cost["eclipse"], cost["finetune"], cost["comformer"])
+    markdown = format_table(table, costs)
     checks = acceptance_checks(table)
     plot = plot_pq(table, os.path.join(output, "pq_across_steps.png"))
-    summary = {"table": {str(k): v for k, v in table.items()}, "checks": checks, "markdown": markdown, "plot": plot}
+    summary = {"table": {str(k): v for k, v in table.items()}, "costs": {str(k): v for k, v in costs.items()},
+               "checks": checks, "markdown": markdown, "plot": plot}
     with open(os.path.join(output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
@@ -441,10 +501,6 @@ def _validation_json(data_root: str) -> Dict:
 
 def _ground_truth(data_root: str, annotation: Mapping):
     """The ground-truth panoptic id map of one validation annotation of the synthetic set."""
-    import numpy as np
-    from panopticapi.utils import rgb2id
-    from PIL import Image
-
     path = os.path.join(data_root, "synthetic", "synthetic_panoptic_val", annotation["file_name"])
     return rgb2id(np.asarray(Image.open(path).convert("RGB")))
 
@@ -469,13 +525,6 @@ def draw_overlays(runs: Mapping[str, Tuple[str, str, str, List[str]]], images: S
     """Overlays of each model (``runs``: label -> (folder, config.yaml, checkpoint, overrides))
     with tools/demo.py into ``output/<folder>``, plus ``output/compare_<image>.png``: image |
     ground truth | one column per model."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageDraw
-
-    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-    import demo
-
     torch.set_num_threads(threads)
     panels: Dict[str, List[np.ndarray]] = {}
     classes = None
@@ -521,8 +570,9 @@ def parse_args(argv=None):
     p.add_argument("--data-root", default=None,
                    help="datasets root; the data go to <root>/synthetic (default: <output>/data)")
     p.add_argument("--quick", action="store_true", help="tiny data, a few iterations: a smoke test of the pipeline")
-    p.add_argument("--skip-baseline", action="store_true", help="do not run the fine-tuning baseline")
-    p.add_argument("--skip-joint", action="store_true", help="do not train the joint upper bound")
+    p.add_argument("--skip-baseline", action="store_true", help="do not run the baselines (fine-tuning, CoMFormer)")
+    p.add_argument("--joint", action="store_true",
+                   help="also train the joint upper bound (all classes at once; off by default: time budget)")
     p.add_argument("--joint-iters", type=int, default=None, help="iterations of the joint upper bound (default: the preset's)")
     p.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: min(2, CPUs))")
     p.add_argument("--num-vis", type=int, default=4, help="validation images to draw (0: none)")
@@ -541,13 +591,15 @@ def parse_args(argv=None):
 def _estimates(settings: Mapping[str, str], preset: Mapping, threads: int) -> Dict[str, float]:
     """A-priori seconds per stage on an idle 2-core CPU with 2 threads (measured: 0.15 s per
     step-0 or fine-tuning iteration and 0.05 s per prompt-tuning iteration at 128x128, 0.04 s
-    per validation image); the ETA corrects them by the speed of the run so far."""
+    per validation image; a CoMFormer iteration adds the teacher's forward pass, assumed +40 %);
+    the ETA corrects them by the speed of the run so far."""
     pixels = (preset["size"] / 128.0) ** 2
     startup = 14.0  # interpreter, imports, data and model set-up of one train_continual.py call
     per_eval = preset["num_val"] * (0.01 + 0.035 * pixels) + 3.0
     step0 = int(settings["STEP0_ITERS"]) * (0.04 + 0.11 * pixels)
     prompt = int(settings["ITERS"]) * (0.015 + 0.035 * pixels)
     finetune = int(settings.get("FT_ITERS", settings["ITERS"])) * (0.04 + 0.11 * pixels)
+    comformer = 1.4 * finetune
     scale = 1.0 if threads >= 2 else 1.4
     return {k: v * scale for k, v in {
         "data": 3.0 + 0.02 * (preset["num_train"] + preset["num_val"]) * pixels,
@@ -555,6 +607,7 @@ def _estimates(settings: Mapping[str, str], preset: Mapping, threads: int) -> Di
         "eclipse1": startup + prompt + per_eval, "eclipse2": startup + prompt + per_eval,
         "eclipse_eval": startup + per_eval,
         "finetune1": startup + finetune + per_eval, "finetune2": startup + finetune + per_eval,
+        "comformer1": startup + comformer + per_eval, "comformer2": startup + comformer + per_eval,
         "joint": startup + int(settings.get("JOINT_ITERS", 0)) * (0.04 + 0.11 * pixels) + per_eval,
         "report": 15.0,
     }.items()}
@@ -584,7 +637,8 @@ def main(argv=None) -> int:
     # 2 cores: 0.15 s per step-0 iteration idle and 0.36 s next to two busy processes, against
     # 0.17 s and > 5 s with the default)
     env.setdefault("GOMP_SPINCOUNT", "20000")
-    for key in ("RESUME", "FIRST_STEP", "LAST_STEP", "EVAL_WEIGHTS", "NAME", "EXTRA_ARGS"):
+    for key in ("RESUME", "FIRST_STEP", "LAST_STEP", "EVAL_WEIGHTS", "NAME", "EXTRA_ARGS", "METHOD", "BASELINE_ITERS",
+                "BASELINE_LR"):
         env.pop(key, None)  # the benchmark decides these
     for key, value in (("STEP0_ITERS", args.step0_iters or preset["step0_iters"]),
                        ("ITERS", args.iters or preset["iters"])):
@@ -594,7 +648,7 @@ def main(argv=None) -> int:
     ft_iters = str(args.iters or preset["finetune_iters"] or settings["ITERS"])
     ft_lr = str(preset["finetune_lr"] or settings["STEP0_LR"])
     settings.update(FT_ITERS=ft_iters, FT_LR=ft_lr)
-    if not args.skip_joint:
+    if args.joint:
         settings["JOINT_ITERS"] = str(args.joint_iters or preset["joint_iters"])
     env["EXTRA_ARGS"] = " ".join(["CONT.RESULTS_DIR", results_dir] + list(preset["extra"]))
 
@@ -605,14 +659,17 @@ def main(argv=None) -> int:
               Stage("eclipse_eval", f"ECLIPSE final evaluation (deltas {settings['EVAL_DELTAS']})")]
     if not args.skip_baseline:
         stages += [Stage("finetune1", "fine-tuning step 1: +2 classes (whole model)"),
-                   Stage("finetune2", "fine-tuning step 2: +2 classes (whole model)")]
-    if not args.skip_joint:
+                   Stage("finetune2", "fine-tuning step 2: +2 classes (whole model)"),
+                   Stage("comformer1", "CoMFormer step 1: +2 classes (whole model, teacher)"),
+                   Stage("comformer2", "CoMFormer step 2: +2 classes (whole model, teacher)")]
+    if args.joint:
         stages.append(Stage("joint", "joint upper bound: all 10 classes at once"))
     stages.append(Stage("report", "table, plot and overlays"))
     for stage, seconds in ((s, _estimates(settings, preset, threads)[s.key]) for s in stages):
         stage.estimate = seconds
     iters = {"step0": int(settings["STEP0_ITERS"]), "eclipse1": int(settings["ITERS"]),
              "eclipse2": int(settings["ITERS"]), "finetune1": int(ft_iters), "finetune2": int(ft_iters),
+             "comformer1": int(ft_iters), "comformer2": int(ft_iters),
              "joint": int(settings.get("JOINT_ITERS", 0))}
 
     if archived:
@@ -620,11 +677,11 @@ def main(argv=None) -> int:
               "or pass --overwrite to replace earlier runs).")
     mode = "quick smoke run" if args.quick else "full run"
     print(f"Synthetic continual benchmark ({mode}): 10 classes, 6 base then 2 steps of 2; "
-          f"ECLIPSE{'' if args.skip_baseline else ' and fine-tuning'}; {threads} thread(s).\n"
+          f"ECLIPSE{'' if args.skip_baseline else ', fine-tuning and CoMFormer'}; {threads} thread(s).\n"
           f"Settings of {os.path.relpath(SCRIPT, REPO_ROOT)}: step 0 {settings['STEP0_ITERS']} iterations "
           f"(LR {settings['STEP0_LR']}); ECLIPSE steps {settings['ITERS']} iterations (LR {settings['LR']}, "
           f"{settings['PROMPTS']} prompts, deltas {settings['EVAL_DELTAS']})"
-          + ("" if args.skip_baseline else f"; fine-tuning steps {ft_iters} iterations (LR {ft_lr})")
+          + ("" if args.skip_baseline else f"; fine-tuning and CoMFormer steps {ft_iters} iterations (LR {ft_lr})")
           + f".\nOutputs in {output}; logs in {logs}.", flush=True)
     progress = Progress(stages)
     wall_start = time.perf_counter()
@@ -648,25 +705,26 @@ def main(argv=None) -> int:
     step0 = os.path.join(run_dir, ECLIPSE_NAME, "step0", "model_final.pth")
 
     if not args.skip_baseline:
-        def finetune_stage(line):
-            m = _STEP_TRAIN.match(line)
-            return f"finetune{m.group(1)}" if m else None
+        for name, method in ((FINETUNE_NAME, "ft"), (COMFORMER_NAME, "comformer")):
+            def baseline_stage(line, name=name):
+                m = _STEP_TRAIN.match(line)
+                return f"{name}{m.group(1)}" if m else None
 
-        run_script(dict(env, NAME=FINETUNE_NAME, RUN_STEP0="0", STEP0_WEIGHTS=step0, PROMPTS="0", RUN_EVAL="0",
-                        ITERS=ft_iters, LR=ft_lr), os.path.join(logs, "finetune.log"), progress,
-                   finetune_stage, iters.get)
-        progress.finish("finetune2")
+            run_script(dict(env, NAME=name, METHOD=method, RUN_STEP0="0", STEP0_WEIGHTS=step0, RUN_EVAL="0",
+                            BASELINE_ITERS=ft_iters, BASELINE_LR=ft_lr), os.path.join(logs, f"{name}.log"),
+                       progress, baseline_stage, iters.get)
+            progress.finish(f"{name}2")
 
-    if not args.skip_joint:
+    if args.joint:
         run_script(dict(env, NAME=JOINT_NAME, JOINT="1", JOINT_ITERS=settings["JOINT_ITERS"]),
                    os.path.join(logs, "joint.log"), progress, lambda line: "joint" if line.startswith("== joint") else None,
                    iters.get)
         progress.finish("joint")
 
     progress.begin("report")
-    summary = summarize(os.path.join(run_dir, ECLIPSE_NAME, "metrics.json"),
-                        None if args.skip_baseline else os.path.join(run_dir, FINETUNE_NAME, "metrics.json"),
-                        output)
+    baseline = (lambda name: None if args.skip_baseline else os.path.join(run_dir, name, "metrics.json"))
+    summary = summarize(os.path.join(run_dir, ECLIPSE_NAME, "metrics.json"), baseline(FINETUNE_NAME), output,
+                        baseline(COMFORMER_NAME))
     compares = []
     if args.num_vis > 0:
         last = int(settings["STEPS"])
@@ -674,20 +732,21 @@ def main(argv=None) -> int:
         runs = {"ECLIPSE": ("eclipse", os.path.join(eclipse_dir, "config.yaml"), os.path.join(eclipse_dir, "model_final.pth"),
                             ["CONT.LOGIT_MANI_DELTAS", settings["EVAL_DELTAS"]])}
         if not args.skip_baseline:
-            ft_dir = os.path.join(run_dir, FINETUNE_NAME, f"step{last}")
-            runs["fine-tuning"] = ("finetune", os.path.join(ft_dir, "config.yaml"), os.path.join(ft_dir, "model_final.pth"), [])
+            for name, label in ((FINETUNE_NAME, "fine-tuning"), (COMFORMER_NAME, "CoMFormer")):
+                step_dir = os.path.join(run_dir, name, f"step{last}")
+                runs[label] = (name, os.path.join(step_dir, "config.yaml"), os.path.join(step_dir, "model_final.pth"), [])
         images = pick_validation_images(data_root, args.num_vis)
         compares = draw_overlays(runs, images, data_root, vis, threads)
     progress.finish("report", quiet=True)
     wall = time.perf_counter() - wall_start
 
     text = [f"# Synthetic continual benchmark (6-2{', quick smoke run' if args.quick else ''})", "",
-            "PQ per step (base: the 6 step-0 classes; old: the classes of the earlier steps; new: the "
-            "classes of the step; all: PQ over all 10 classes, those not learnt yet counting 0, as in the "
-            "official evaluation).", "", summary["markdown"], ""]
-    if not args.skip_joint:
-        from continual.evaluation.results import read_metrics_json
-
+            "PQ per method and step (base: the 6 step-0 classes; old: the classes of the earlier steps; new: "
+            "the classes of the step; all: PQ over all 10 classes, those not learnt yet counting 0, as in the "
+            "official evaluation), and the costs of training the step: trainable parameters, median seconds "
+            "per training iteration, peak resident memory of the training process (step 0 is shared).", "",
+            summary["markdown"], ""]
+    if args.joint:
         joint_metrics = os.path.join(run_dir, f"{JOINT_NAME}_joint", "metrics.json")
         summary["joint"] = joint_row(read_metrics_json(joint_metrics))
         summary["joint_markdown"] = format_joint_table(summary["joint"], int(settings["STEPS"]))
@@ -705,7 +764,7 @@ def main(argv=None) -> int:
     with open(os.path.join(output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
-    print("\nPQ per step (base / old / new / all):\n")
+    print("\nPQ per method and step (base / old / new / all) and training costs:\n")
     print(summary["markdown"])
     if summary.get("joint_markdown"):
         print("\n" + summary["joint_markdown"])
@@ -714,12 +773,13 @@ def main(argv=None) -> int:
         print(format_checks(summary["checks"]))
     print(f"\nTotal wall time {_clock(wall)} ({wall:.0f} s).")
     print(f"Metrics JSON: {os.path.join(run_dir, ECLIPSE_NAME, 'metrics.json')}"
-          + ("" if args.skip_baseline else f", {os.path.join(run_dir, FINETUNE_NAME, 'metrics.json')}"))
+          + ("" if args.skip_baseline else f", {os.path.join(run_dir, FINETUNE_NAME, 'metrics.json')}, "
+                                           f"{os.path.join(run_dir, COMFORMER_NAME, 'metrics.json')}"))
     print(f"Official CSV: {os.path.join(results_dir, TASK_NAME + '.csv')}")
     print(f"Plot: {summary['plot']}")
     if compares:
         print(f"Overlays: {vis}/compare_*.png ({len(compares)} images), {vis}/eclipse/"
-              + ("" if args.skip_baseline else f", {vis}/finetune/"))
+              + ("" if args.skip_baseline else f", {vis}/finetune/, {vis}/comformer/"))
     print(f"Summary: {os.path.join(output, 'summary.md')}")
     if args.check and not all(c["passed"] for c in summary["checks"]):
         return 1

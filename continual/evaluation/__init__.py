@@ -1,14 +1,11 @@
 """Continual evaluation: PQ (panopticapi) and mIoU split into base / old / new / novel, and the
-result files (ECLIPSE_SPEC.md section 6)."""
+result files (docs/design.md#evaluation).
+
+May import: detectron2, panopticapi, ``continual.scenario`` (order positions -> dataset ids); not
+the trainer."""
+from . import results
 from .panoptic import ContinualPanopticEvaluator, per_class_in_order, split_bounds, split_metrics
-from .results import (
-    append_official_csv,
-    append_official_per_class_csv,
-    official_csv_row,
-    read_metrics_json,
-    write_metrics_json,
-    write_official_results,
-)
+from .results import *  # noqa: F401,F403  (the result-file writers; their list is results.__all__)
 from .semantic import ContinualSemSegEvaluator, confusion_matrix, semantic_metrics
 
 __all__ = [
@@ -19,10 +16,4 @@ __all__ = [
     "per_class_in_order",
     "confusion_matrix",
     "semantic_metrics",
-    "append_official_csv",
-    "official_csv_row",
-    "write_official_results",
-    "append_official_per_class_csv",
-    "write_metrics_json",
-    "read_metrics_json",
-]
+] + results.__all__

@@ -4,10 +4,10 @@ The model labels segments with **order positions** (1-based indices into ``CONT.
 scoring, each position ``p`` becomes the dataset's contiguous class id ``ORDER[p-1]`` and then the
 dataset category id of the metadata. PQ is computed by panopticapi against the dataset's original
 panoptic json, which lists every class, so classes not seen yet count as false negatives
-(ECLIPSE_SPEC.md 6.1 and 1.10 item 12).
+(docs/official_behaviours.md#panoptic-all-against-the-full-json).
 
-Base / novel split, as released (ECLIPSE_SPEC.md 1.10 item 11)
----------------------------------------------------------------
+Base / novel split, as released (docs/official_behaviours.md#base-novel-split)
+---------------------------------------------------------------------------
 The official evaluator takes the per-class PQ list in the category order of the GT json (for ADE:
 void, 1, ..., 150) and slices it **by position in that list**: base = entries ``1 .. C0``,
 novel = everything after. That is right only when ``CONT.ORDER`` is the identity (every ADE
@@ -33,6 +33,13 @@ from detectron2.data import MetadataCatalog
 from detectron2.evaluation.evaluator import DatasetEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
+from panopticapi.evaluation import pq_compute
+from panopticapi.utils import id2rgb
+from tabulate import tabulate
+
+from ..scenario import Scenario
+
+from ..io import atomic_write
 
 __all__ = [
     "ContinualPanopticEvaluator",
@@ -47,7 +54,7 @@ SPLITS = ("base", "old", "new", "novel")
 
 
 def split_bounds(base: int, inc: int, step: int, offset: int = 1) -> Dict[str, int]:
-    """List indices of the official split (ECLIPSE_SPEC.md 6.1), for a per-class list whose first
+    """List indices of the official split (docs/official_behaviours.md#base-novel-split), for a per-class list whose first
     ``offset`` entries precede the first class.
 
     Returns ``base_end`` (= ``offset + base``), ``old_end`` (``base_end + (step-1)·inc`` at
@@ -152,10 +159,16 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
         {"panoptic_seg": {
             "PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st",
             "PQ_base", "SQ_base", "RQ_base", "PQ_old", ..., "PQ_new", ..., "PQ_novel", ...,
+            "TP_base", "FP_base", "FN_base", "TP_novel", "FP_novel", "FN_novel", "TP", "FP", "FN",
             "PQ-<category id>", "SQ-<category id>", "RQ-<category id>",  # every GT category
         }}
 
-    All values are floats in percent. The per-class values are flat keys (with ``-`` so that
+    ``TP/FP/FN_base`` and ``_novel`` are the official keys, split like ``PQ_base`` /
+    ``PQ_novel``; they (and ``TP/FP/FN`` of all categories) are the segment counts of the
+    panopticapi matching (the official evaluator reads per-class counts that panopticapi does not
+    return, so it always reports 0).
+
+    All values are floats, in percent except the segment counts. The per-class values are flat keys (with ``-`` so that
     detectron2's ``print_csv_format`` skips them and ``EvalHook`` receives scalars); the same
     values as lists in GT-json category order are in :attr:`per_class` after ``evaluate``.
 
@@ -213,8 +226,6 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
         """Build from ``cfg.CONT`` (ORDER, BASE_CLS, INC_CLS, TASK). The order is expressed in the
         dataset's contiguous ids (they differ from the class ids only for COCO with
         ``CONT.COCO_CORRECT_IDS``)."""
-        from ..scenario import Scenario
-
         scenario = Scenario.from_config(cfg, dataset_name)
         return cls(
             dataset_name,
@@ -239,7 +250,7 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
         isthing = contiguous in self._thing_contiguous
         table = self._thing_to_dataset if isthing else self._stuff_to_dataset
         if contiguous not in table:
-            # the official code fails here too (COCO order entry 133, ECLIPSE_SPEC.md 1.10 item 10)
+            # the official code fails here too (COCO order entry 133, docs/official_behaviours.md#coco-ids)
             raise KeyError(
                 f"order position {position} is class {contiguous}, which has no "
                 f"{'thing' if isthing else 'stuff'} category in the metadata of {self._dataset_name}"
@@ -267,8 +278,6 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
 
     # -- DatasetEvaluator -----------------------------------------------------------------------
     def process(self, inputs, outputs):
-        from panopticapi.utils import id2rgb
-
         for inp, out in zip(inputs, outputs):
             panoptic_img, segments_info = out["panoptic_seg"]
             if hasattr(panoptic_img, "cpu"):
@@ -300,8 +309,6 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
         if not comm.is_main_process():
             return None
 
-        from panopticapi.evaluation import pq_compute
-
         gt_json = PathManager.get_local_path(self._metadata.panoptic_json)
         gt_folder = PathManager.get_local_path(self._metadata.panoptic_root)
         with open(gt_json, "r") as f:
@@ -318,11 +325,10 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
             with open(pred_json_file, "w") as f:
                 json.dump(pred_json, f)
             if self._output_dir:
-                PathManager.mkdirs(self._output_dir)
-                with PathManager.open(os.path.join(self._output_dir, "predictions.json"), "w") as f:
+                with atomic_write(os.path.join(self._output_dir, "predictions.json")) as f:
                     json.dump(pred_json, f)
             with contextlib.redirect_stdout(io.StringIO()):
-                pq_res = pq_compute(gt_json, pred_json_file, gt_folder=gt_folder, pred_folder=pred_dir)
+                pq_res = pq_compute_with_counts(gt_json, pred_json_file, gt_folder, pred_dir)
 
         res = self.results_from_pq(pq_res)
         _log_table(pq_res)
@@ -353,6 +359,16 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
             s = split_metrics(split_input[metric], self._base, self._inc, self._step, offset=1)
             for name in SPLITS:
                 res[f"{metric}_{name}"] = 100.0 * s[name]
+        counts = {m: [int(per_class[c].get(m.lower(), 0)) for c in per_class] for m in ("TP", "FP", "FN")}
+        if self._split_by_order:
+            c2d = _contiguous_to_dataset_ids(self._metadata)
+            counts = {m: per_class_in_order(dict(zip(per_class, v)), self._order, c2d) for m, v in counts.items()}
+        first_novel = 1 + self._base
+        for m, values in counts.items():
+            res[f"{m}_base"] = float(np.sum(values[1:first_novel]))
+            res[f"{m}_novel"] = float(np.sum(values[first_novel:])) if self._step > 0 else 0.0
+            if m.lower() in pq_res["All"]:
+                res[m] = float(pq_res["All"][m.lower()])
         for cid, pq, sq, rq in zip(category_ids, lists["PQ"], lists["SQ"], lists["RQ"]):
             res[f"PQ-{cid}"] = 100.0 * pq
             res[f"SQ-{cid}"] = 100.0 * sq
@@ -366,9 +382,39 @@ class ContinualPanopticEvaluator(DatasetEvaluator):
         return res
 
 
-def _log_table(pq_res):
-    from tabulate import tabulate
+def pq_compute_with_counts(gt_json_file: str, pred_json_file: str, gt_folder: str, pred_folder: str) -> Dict:
+    """panopticapi's ``pq_compute`` (the same matching and the same numbers), whose per-class
+    entries and ``"All"`` entry also carry the segment counts ``tp``, ``fp`` and ``fn``."""
+    from panopticapi.evaluation import pq_compute_multi_core
 
+    with open(gt_json_file, "r") as f:
+        gt = json.load(f)
+    with open(pred_json_file, "r") as f:
+        pred = json.load(f)
+    categories = {c["id"]: c for c in gt["categories"]}
+    pred_by_image = {a["image_id"]: a for a in pred["annotations"]}
+    missing = [a["image_id"] for a in gt["annotations"] if a["image_id"] not in pred_by_image]
+    if missing:
+        raise ValueError(f"no panoptic prediction for {len(missing)} image(s), e.g. {missing[:3]}")
+    matched = [(a, pred_by_image[a["image_id"]]) for a in gt["annotations"]]
+    stat = pq_compute_multi_core(matched, gt_folder, pred_folder, categories)
+    results = {}
+    for name, isthing in (("All", None), ("Things", True), ("Stuff", False)):
+        results[name], per_class = stat.pq_average(categories, isthing=isthing)
+        if name == "All":
+            for cid, entry in per_class.items():
+                cat = stat.pq_per_cat[cid]
+                entry.update(tp=cat.tp, fp=cat.fp, fn=cat.fn)
+            results["per_class"] = per_class
+            results["All"].update(
+                tp=sum(stat.pq_per_cat[c].tp for c in per_class),
+                fp=sum(stat.pq_per_cat[c].fp for c in per_class),
+                fn=sum(stat.pq_per_cat[c].fn for c in per_class),
+            )
+    return results
+
+
+def _log_table(pq_res):
     rows = [
         [name] + [100 * pq_res[name][k] for k in ("pq", "sq", "rq")] + [pq_res[name]["n"]]
         for name in ("All", "Things", "Stuff")

@@ -1,4 +1,4 @@
-"""Result files: the official CSV rows (ECLIPSE_SPEC.md 6.3) and a JSON of every metric per step.
+"""Result files: the official CSV rows (docs/official_behaviours.md#result-files) and a JSON of every metric per step.
 
 The official ``IncrementalTrainer.write_results`` appends one row per evaluation to
 ``results/{TASK_NAME}.csv`` (and ``results/{TASK_NAME}_acc.csv`` for semantic runs). Its evaluators
@@ -88,12 +88,17 @@ def append_official_per_class_csv(
     output_dir: str, name: str, step: int, cls_iou: Sequence[float], cls_acc: Sequence[float]
 ) -> None:
     """The official semantic evaluator's per-class files: append ``NAME,TASK,`` and the values
-    joined with ``"."`` (sic), without a newline, to ``output_dir/iou.csv`` and ``acc.csv``."""
+    joined with ``"."`` (sic), without a newline, to ``output_dir/iou.csv`` and ``acc.csv``.
+
+    The values are printed with ``str`` (the official evaluator passes float32 values, e.g.
+    ``66.66667``). Each file is rewritten atomically with the row appended."""
     os.makedirs(output_dir, exist_ok=True)
     for fname, values in (("iou.csv", cls_iou), ("acc.csv", cls_acc)):
-        with open(os.path.join(output_dir, fname), "a") as f:
-            f.write(f"{name},{step},")
-            f.write(".".join(str(v) for v in values))
+        path = os.path.join(output_dir, fname)
+        with _locked(path):
+            old = open(path).read() if os.path.exists(path) else ""
+            with atomic_write(path) as f:
+                f.write(old + f"{name},{step}," + ".".join(str(v) for v in values))
 
 
 def _plain(value):
@@ -114,7 +119,7 @@ def _plain(value):
 @contextmanager
 def _locked(path: str):
     try:
-        import fcntl
+        import fcntl  # POSIX only, hence imported where it is used
     except ImportError:  # not POSIX: no lock
         yield
         return

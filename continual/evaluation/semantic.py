@@ -1,9 +1,11 @@
-"""mIoU for continual semantic segmentation, split into base / old / new / novel (ECLIPSE_SPEC.md 6.2).
+"""mIoU for continual semantic segmentation, split into base / old / new / novel (docs/official_behaviours.md#semantic-miou).
 
 Classes are **order positions**: index 0 is the background (ADE "other" and every class not seen
 yet, as remapped by the continual data wrapper), 1..C the classes seen so far. The semantic splits
 therefore follow the class order by construction (unlike the panoptic per-class list).
 """
+import itertools
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -12,10 +14,11 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation.evaluator import DatasetEvaluator
 from detectron2.utils import comm
-from detectron2.utils.file_io import PathManager
 
+from ..io import atomic_write
 from .panoptic import SPLITS, split_metrics
 from .results import append_official_per_class_csv
 
@@ -99,7 +102,7 @@ def semantic_metrics(conf: np.ndarray, base: int, inc: int, step: int) -> Dict[s
 
 
 class ContinualSemSegEvaluator(DatasetEvaluator):
-    """Confusion-matrix semantic metrics of a continual model (ECLIPSE_SPEC.md 6.2).
+    """Confusion-matrix semantic metrics of a continual model (docs/official_behaviours.md#semantic-miou).
 
     Prediction = argmax over the ``C+1`` channels of ``output["sem_seg"]``; GT =
     ``input["sem_seg"]`` (order positions, 0 background, ``ignore_label`` ignored) at the same,
@@ -115,10 +118,17 @@ class ContinualSemSegEvaluator(DatasetEvaluator):
         num_classes_seen: ``C = C0 + T·Cinc``; the matrix has ``N = 1 + C`` classes.
         base_classes, inc_classes, step: ``C0``, ``Cinc``, ``T``.
         ignore_label: GT value excluded from every metric.
-        output_dir: where ``sem_seg_evaluation.pth`` (and the per-class CSVs) are written
-            (pass ``<OUTPUT_DIR>/inference``); nothing is written when ``None``.
-        per_class_csv_name: when given (with ``output_dir``), append the official per-class
-            rows to ``output_dir/iou.csv`` and ``acc.csv`` under this run name.
+        output_dir: where the official evaluator's files are written (pass
+            ``<OUTPUT_DIR>/inference``); nothing is written when ``None``:
+            ``sem_seg_evaluation.pth`` (the result dict), ``sem_seg_predictions.json`` (every
+            predicted class of every image as an RLE, see :meth:`encode_prediction`) and, with
+            ``per_class_csv_name``, the per-class rows of ``iou.csv`` and ``acc.csv``.
+        per_class_csv_name: run name (``cfg.NAME``; :meth:`from_config` sets it) under which
+            the per-class IoU / accuracy are appended to ``output_dir/iou.csv`` and ``acc.csv``.
+        category_ids: order position -> ``category_id`` written to ``sem_seg_predictions.json``;
+            ``None``: the position itself (the official code maps through the metadata's
+            ``stuff_dataset_id_to_contiguous_id`` when the dataset has one, which the ADE20K
+            semantic datasets do not).
     """
 
     def __init__(
@@ -132,6 +142,7 @@ class ContinualSemSegEvaluator(DatasetEvaluator):
         output_dir: Optional[str] = None,
         *,
         per_class_csv_name: Optional[str] = None,
+        category_ids: Optional[Dict[int, int]] = None,
     ):
         expected = base_classes + step * inc_classes
         if num_classes_seen != expected:
@@ -147,17 +158,20 @@ class ContinualSemSegEvaluator(DatasetEvaluator):
         self._ignore_label = int(ignore_label)
         self._output_dir = output_dir
         self._csv_name = per_class_csv_name
+        self._category_ids = None if category_ids is None else {int(k): int(v) for k, v in category_ids.items()}
         self.reset()
 
     @classmethod
     def from_config(cls, cfg, dataset_name: str, output_dir: Optional[str] = None, **kwargs):
         """Build from ``cfg.CONT`` (BASE_CLS, INC_CLS, TASK); the ignore label comes from the
         dataset metadata when it has one."""
-        from detectron2.data import MetadataCatalog
-
         c = cfg.CONT
-        ignore = getattr(MetadataCatalog.get(dataset_name), "ignore_label", 255)
-        kwargs.setdefault("ignore_label", ignore)
+        meta = MetadataCatalog.get(dataset_name)
+        kwargs.setdefault("ignore_label", getattr(meta, "ignore_label", 255))
+        if output_dir:
+            kwargs.setdefault("per_class_csv_name", cfg.NAME)
+        if "category_ids" not in kwargs and hasattr(meta, "stuff_dataset_id_to_contiguous_id"):
+            kwargs["category_ids"] = {v: k for k, v in meta.stuff_dataset_id_to_contiguous_id.items()}
         return cls(
             dataset_name, c.BASE_CLS + c.TASK * c.INC_CLS, c.BASE_CLS, c.INC_CLS, c.TASK,
             output_dir=output_dir, **kwargs,
@@ -166,6 +180,7 @@ class ContinualSemSegEvaluator(DatasetEvaluator):
     def reset(self):
         n = self._num_classes + 1
         self._conf_matrix = np.zeros((n, n), dtype=np.int64)
+        self._predictions = []
 
     def process(self, inputs, outputs):
         for inp, out in zip(inputs, outputs):
@@ -178,13 +193,42 @@ class ContinualSemSegEvaluator(DatasetEvaluator):
             gt = inp["sem_seg"]
             gt = gt.cpu().numpy() if isinstance(gt, torch.Tensor) else np.asarray(gt)
             self._conf_matrix += confusion_matrix(pred, gt, self._num_classes, self._ignore_label)
+            if self._output_dir:
+                self._predictions.extend(self.encode_prediction(pred, inp.get("file_name", inp.get("image_id"))))
+
+    def encode_prediction(self, pred: np.ndarray, file_name) -> list:
+        """One entry per predicted class of an image, as the official ``sem_seg_predictions.json``
+        (COCO stuff results format): ``{"file_name", "category_id", "segmentation"}`` with the
+        mask as a COCO RLE whose ``counts`` is a string."""
+        import pycocotools.mask as mask_util
+
+        entries = []
+        for label in np.unique(pred):
+            label = int(label)
+            if self._category_ids is None:
+                category_id = label
+            elif label in self._category_ids:
+                category_id = self._category_ids[label]
+            else:
+                raise ValueError(
+                    f"predicted class {label} has no category id in the metadata of {self._dataset_name} "
+                    "(stuff_dataset_id_to_contiguous_id)"
+                )
+            rle = mask_util.encode(np.asfortranarray((pred == label).astype(np.uint8)[:, :, None]))[0]
+            rle["counts"] = rle["counts"].decode("utf-8")
+            entries.append({"file_name": file_name, "category_id": category_id, "segmentation": rle})
+        return entries
 
     def evaluate(self):
         comm.synchronize()
         matrices = comm.gather(self._conf_matrix, dst=0)
+        predictions = comm.gather(self._predictions, dst=0)
         if not comm.is_main_process():
             return None
         conf = np.sum(np.stack(matrices), axis=0)
+        if self._output_dir:
+            with atomic_write(os.path.join(self._output_dir, "sem_seg_predictions.json")) as f:
+                json.dump(list(itertools.chain(*predictions)), f)
 
         m = semantic_metrics(conf, self._base, self._inc, self._step)
         res = OrderedDict()
@@ -199,11 +243,14 @@ class ContinualSemSegEvaluator(DatasetEvaluator):
             res[f"ACC-{i}"] = v
 
         if self._output_dir:
-            PathManager.mkdirs(self._output_dir)
-            with PathManager.open(os.path.join(self._output_dir, "sem_seg_evaluation.pth"), "wb") as f:
+            with atomic_write(os.path.join(self._output_dir, "sem_seg_evaluation.pth"), binary=True) as f:
                 torch.save(dict(res), f)
             if self._csv_name is not None:
-                append_official_per_class_csv(self._output_dir, self._csv_name, self._step, cls_iou, cls_acc)
+                # printed as the official float32 values (e.g. 66.66667, nan)
+                append_official_per_class_csv(
+                    self._output_dir, self._csv_name, self._step,
+                    [np.float32(100) * v for v in m["iou"]], [np.float32(100) * v for v in m["acc"]],
+                )
         logger.info("Semantic segmentation evaluation (%s): %s", self._dataset_name,
                     {k: v for k, v in res.items() if "-" not in k})
         return OrderedDict({"sem_seg": res})

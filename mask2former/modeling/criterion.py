@@ -35,6 +35,7 @@ from detectron2.utils import comm
 
 __all__ = [
     "SetCriterion",
+    "fixed_num_masks",
     "sigmoid_focal_class_loss",
     "point_sigmoid_ce_loss",
     "point_dice_loss",
@@ -151,6 +152,31 @@ def weighted_total(
     return sum(weighted.values())
 
 
+# (value, expected local count) while fixed_num_masks is active, else None
+_FIXED_NUM_MASKS: Optional[Tuple[float, int]] = None
+
+
+@contextlib.contextmanager
+def fixed_num_masks(value: float, local_count: int):
+    """Within the block, :meth:`SetCriterion.get_num_masks` of every criterion of this process
+    returns ``value`` without communicating.
+
+    Used by gradient accumulation (:mod:`continual.accumulation`): the normaliser of every
+    micro-batch is the number of masks of the whole optimizer step (all micro-batches, all
+    processes) divided by the number of micro-batches times processes, computed before the first
+    forward. ``local_count`` is the number of targets the caller counted in the micro-batch; a
+    different count in the criterion (targets changed inside the model, e.g. pseudo-labels)
+    raises instead of silently using a wrong normaliser.
+    """
+    global _FIXED_NUM_MASKS
+    previous = _FIXED_NUM_MASKS
+    _FIXED_NUM_MASKS = (float(value), int(local_count))
+    try:
+        yield
+    finally:
+        _FIXED_NUM_MASKS = previous
+
+
 class SetCriterion(nn.Module):
     """
     Loss of a set of mask-classification predictions.
@@ -212,7 +238,6 @@ class SetCriterion(nn.Module):
         empty_weight[-1] = eos_coef
         # not persistent: official ECLIPSE checkpoints have no criterion entries
         self.register_buffer("empty_weight", empty_weight, persistent=False)
-        self._fixed_num_masks: Optional[Tuple[float, int]] = None
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -243,32 +268,14 @@ class SetCriterion(nn.Module):
             selected.append(m)
         return torch.cat(selected)
 
-    @contextlib.contextmanager
-    def fixed_num_masks(self, value: float, local_count: int):
-        """Within the block, :meth:`get_num_masks` returns ``value`` without communicating.
-
-        Used by gradient accumulation (:mod:`continual.accumulation`): the normaliser of every
-        micro-batch is the number of masks of the whole optimizer step (all micro-batches, all
-        processes) divided by the number of micro-batches times processes, computed before the
-        first forward. ``local_count`` is the number of targets the caller counted in this
-        micro-batch; a different count in the criterion (targets changed inside the model)
-        raises instead of silently using a wrong normaliser.
-        """
-        previous = self._fixed_num_masks
-        self._fixed_num_masks = (float(value), int(local_count))
-        try:
-            yield
-        finally:
-            self._fixed_num_masks = previous
-
     def get_num_masks(self, targets: List[Dict[str, torch.Tensor]], device) -> float:
         """
         Loss normaliser: number of targets in the batch, averaged over all processes
         (so every process normalises by the same value), at least 1. Inside
-        :meth:`fixed_num_masks`, the value given there.
+        :func:`fixed_num_masks`, the value given there.
         """
         local = sum(len(t["labels"]) for t in targets)
-        fixed = getattr(self, "_fixed_num_masks", None)
+        fixed = _FIXED_NUM_MASKS
         if fixed is not None:
             value, expected = fixed
             if local != expected:

@@ -3,7 +3,8 @@
 The decoder predicts, per image, ``Q`` queries, each with class logits over ``C + 1`` columns
 (column ``C`` is "no object") and a mask logit map. This module turns them into Detectron2's
 three output formats (semantic, panoptic, instance), reproducing the official ECLIPSE
-implementation, including its quirks (ECLIPSE_SPEC.md 1.6 / 1.10, fixtures/README.md 4.3 / 4.6):
+implementation, including its quirks (docs/official_behaviours.md#post-processing and
+#instance-thing-filter; tests/fixtures/README.md 4.3 / 4.6):
 
 * ``use_sigmoid=True`` (``CONT.SOFTCLS False``, all ECLIPSE scripts): a query's score and label
   are the max of ``sigmoid`` over **all** ``C + 1`` columns, so a query whose best column is
@@ -191,8 +192,23 @@ def _kept_queries(
     """Scores [K], labels [K] and mask probabilities [K, H, W] of the non-no-object queries
     whose score is above the threshold, in query order."""
     scores, labels = class_scores_and_labels(mask_cls, use_sigmoid)
-    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    keep = _keep_rule(scores, labels, num_classes, object_mask_threshold)
     return scores[keep], labels[keep], mask_pred[keep].sigmoid()
+
+
+def _keep_rule(scores: torch.Tensor, labels: torch.Tensor, num_classes: int, object_mask_threshold: float) -> torch.Tensor:
+    """[Q] bool: the queries hard semantic / panoptic inference keep (best column not no-object,
+    score above the threshold)."""
+    return labels.ne(num_classes) & (scores > object_mask_threshold)
+
+
+def _instance_topk(mask_cls: torch.Tensor, use_sigmoid: bool, topk_per_image: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores and flat (query * C + class) indices of the ``topk_per_image`` best (query, class)
+    pairs, no-object excluded, in ``torch.topk(sorted=False)`` order."""
+    class_probs = (mask_cls.sigmoid() if use_sigmoid else F.softmax(mask_cls, dim=-1))[:, :-1]
+    # The official code fails when k exceeds Q*C; clamping only changes that error case.
+    k = min(topk_per_image, class_probs.numel())
+    return class_probs.flatten().topk(k, sorted=False)
 
 
 def _assign_pixels(
@@ -381,12 +397,7 @@ def instance_inference(
         (all zero), ``scores`` [K] and ``pred_classes`` [K] (0-based labels).
     """
     image_size = tuple(mask_pred.shape[-2:])
-    class_probs = mask_cls.sigmoid() if use_sigmoid else F.softmax(mask_cls, dim=-1)
-    class_probs = class_probs[:, :-1]
-
-    # The official code fails when k exceeds Q*C; clamping only changes that error case.
-    k = min(test_topk_per_image, class_probs.numel())
-    topk_scores, topk_indices = class_probs.flatten().topk(k, sorted=False)
+    topk_scores, topk_indices = _instance_topk(mask_cls, use_sigmoid, test_topk_per_image)
     topk_labels = topk_indices % num_classes
     topk_queries = topk_indices // num_classes
 
@@ -545,7 +556,7 @@ def queries_needed(mask_cls: torch.Tensor, settings: PostProcessSettings) -> tor
 
     Hard semantic and panoptic inference use the queries kept by their score threshold;
     instance inference the queries of the top-k (query, class) pairs; soft semantic inference
-    every query. Passing only these queries, in their original order, to
+    every query (the rules are those of the routines: ``_keep_rule`` and ``_instance_topk``). Passing only these queries, in their original order, to
     :func:`postprocess_image` gives the same results as passing all of them.
 
     Args:
@@ -558,9 +569,7 @@ def queries_needed(mask_cls: torch.Tensor, settings: PostProcessSettings) -> tor
     needed = torch.zeros(num_queries, dtype=torch.bool, device=mask_cls.device)
     if s.panoptic_on or s.semantic_on:
         scores, labels = class_scores_and_labels(mask_cls, s.use_sigmoid)
-        needed |= labels.ne(s.num_classes) & (scores > s.object_mask_threshold)
+        needed |= _keep_rule(scores, labels, s.num_classes, s.object_mask_threshold)
     if s.instance_on:
-        probs = (mask_cls.sigmoid() if s.use_sigmoid else F.softmax(mask_cls, dim=-1))[:, :-1]
-        k = min(s.test_topk_per_image, probs.numel())
-        needed[probs.flatten().topk(k, sorted=False).indices // s.num_classes] = True
+        needed[_instance_topk(mask_cls, s.use_sigmoid, s.test_topk_per_image)[1] // s.num_classes] = True
     return needed.nonzero().flatten()

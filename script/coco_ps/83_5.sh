@@ -6,8 +6,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
 # the model and class order: BACKBONE / ORDER / CONFIG (script/common.sh)
 BENCHMARK=coco_ps
-DEFAULT_OUTPUT_ROOT=results/coco_ps
-DEFAULT_NAME=cocops_83_5
+DEFAULT_OUTPUT_ROOT=results/ade_ps
+DEFAULT_NAME=coco-ps_83_5
 BASE=83; INC=5; STEPS=10; QUERIES=100
 STEP0_ITERS=240000; STEP0_LR=0.0001; STEP0_EVAL=5000
 PROMPTS=10; ITERS=8000; LR=0.0005; EVAL_PERIOD=2000

@@ -2,12 +2,12 @@
 # The synthetic continual panoptic benchmark: 10 generated classes, 6 base classes, then 2 steps of
 # 2, with the tiny CPU model of configs/synthetic/maskformer2_R18_tiny.yaml. Generate the data
 # first: python datasets/generate_synthetic.py (writes $DETECTRON2_DATASETS/synthetic), or run the
-# whole benchmark (data, this script, the fine-tuning baseline, table, plot) with `make demo`
+# whole benchmark (data, this script, the fine-tuning and CoMFormer baselines, table, plot) with `make demo`
 # (tools/synthetic_benchmark.py).
 # Environment variables are listed in script/common.sh; here step 0 is part of the run. The
 # settings below may be overridden from the environment too (STEP0_ITERS, STEP0_LR, ITERS, LR,
-# PROMPTS, TRAIN_DELTAS, EVAL_DELTAS); PROMPTS=0 gives the fine-tuning baseline (no prompts, the
-# whole model trained on the new classes).
+# PROMPTS, TRAIN_DELTAS, EVAL_DELTAS). METHOD=ft|mib|plop|comformer runs a baseline instead of
+# ECLIPSE (no prompts, the whole model trained on the new classes; script/common.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/../common.sh"
 
 BENCHMARK=synthetic

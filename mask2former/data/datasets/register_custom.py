@@ -27,9 +27,10 @@ import logging
 import os
 from typing import Dict, List, Mapping, Optional
 
+import yaml
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .catalog_utils import DatasetFilesMissingError, load_panoptic_json
+from .catalog_utils import DatasetFilesMissingError, load_panoptic_json, require_paths
 
 __all__ = [
     "ClassListMismatchError", "register_custom_dataset", "load_dataset_description", "check_order_classes",
@@ -56,8 +57,6 @@ def load_dataset_description(path: str) -> Dict:
         ``{"name", "root", "classes" (list of dicts or None), "splits": {split: {images,
         panoptic, json}}, "path"}`` with absolute paths.
     """
-    import yaml
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"DATASETS.CUSTOM_FILE {path!r} does not exist")
     with open(path) as f:
@@ -209,8 +208,6 @@ def register_custom_dataset(path: str) -> List[str]:
 
         def load(name=name, files=files, split=split):
             prepare = f"write the files listed for split {split!r} in {desc['path']}"
-            from .catalog_utils import require_paths
-
             require_paths(name, [files["json"], files["images"], files["panoptic"]], prepare)
             _check_json_categories(desc, files["json"], classes)
             try:

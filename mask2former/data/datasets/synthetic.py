@@ -21,8 +21,10 @@ the whole method end to end. Category ids are 1..10 (0 is void), stuff first:
 from typing import Dict, List, Tuple
 
 import numpy as np
+import torch
+from detectron2.structures import Instances
 
-__all__ = ["SYNTHETIC_CATEGORIES", "render_sample", "sample_to_model_input", "register_synthetic_metadata"]
+__all__ = ["SYNTHETIC_CATEGORIES", "render_sample", "sample_to_model_input"]
 
 SYNTHETIC_CATEGORIES: List[Dict] = [
     {"id": 1, "name": "sky", "isthing": 0, "color": [70, 130, 220]},
@@ -130,9 +132,6 @@ def sample_to_model_input(image: np.ndarray, seg: np.ndarray, segments: List[Dic
             the continual protocol); ``None`` keeps all. With the identity class order the
             category id is the order position the model expects.
     """
-    import torch
-    from detectron2.structures import Instances
-
     keep = [s for s in segments if classes is None or s["category_id"] in classes]
     h, w = seg.shape
     inst = Instances((h, w))
@@ -145,26 +144,3 @@ def sample_to_model_input(image: np.ndarray, seg: np.ndarray, segments: List[Dic
         "width": w,
         "instances": inst,
     }
-
-
-def register_synthetic_metadata(name: str):
-    """Set the panoptic metadata of the synthetic categories on ``MetadataCatalog.get(name)``
-    (ids are dataset ids = contiguous ids, as for ADE20K) and return it."""
-    from detectron2.data import MetadataCatalog
-
-    meta = MetadataCatalog.get(name)
-    if getattr(meta, "thing_dataset_id_to_contiguous_id", None) is not None:
-        return meta
-    names = ["void"] + [c["name"] for c in SYNTHETIC_CATEGORIES]
-    colors = [[0, 0, 0]] + [c["color"] for c in SYNTHETIC_CATEGORIES]
-    meta.set(
-        thing_classes=names,
-        thing_colors=colors,
-        stuff_classes=names,
-        stuff_colors=colors,
-        thing_dataset_id_to_contiguous_id={c["id"]: c["id"] for c in _THINGS},
-        stuff_dataset_id_to_contiguous_id={i: i for i in range(len(names))},
-        label_divisor=1000,
-        ignore_label=255,
-    )
-    return meta

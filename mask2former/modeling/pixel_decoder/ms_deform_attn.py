@@ -1,10 +1,22 @@
-"""Multi-scale deformable attention (Deformable DETR), written in plain PyTorch.
+"""Multi-scale deformable attention (Deformable DETR), in plain PyTorch or an optional kernel.
 
-The sampling core is a single function, :func:`ms_deform_attn_core_pytorch`, built on
-``F.grid_sample``. :func:`ms_deform_attn` is what :class:`MSDeformAttn` calls; it forwards to
-an accelerated implementation for CUDA tensors when one has been registered with
-:func:`register_ms_deform_attn_core`, and to the pure-PyTorch core otherwise. Nothing here needs
-a compiled extension.
+The sampling core is :func:`ms_deform_attn_core_pytorch`, built on ``F.grid_sample``; it runs
+everywhere and is the reference. :func:`ms_deform_attn` (what :class:`MSDeformAttn` calls)
+dispatches to one of the registered implementations:
+
+* ``"pytorch"``: that core (any device);
+* ``"triton"``: the Triton kernel of :mod:`.ms_deform_attn_triton` (CUDA tensors; needs
+  ``triton``, which PyTorch's Linux CUDA wheels install);
+* ``"cuda_ext"``: the compiled ``MultiScaleDeformableAttention`` extension of Deformable DETR /
+  Mask2Former, if the user has built and installed it (CUDA tensors);
+* ``"auto"`` (default): for CUDA inputs ``cuda_ext`` if it imports, else ``triton`` if it
+  imports, else ``pytorch``; ``pytorch`` for inputs on any other device.
+
+The choice comes from :func:`set_ms_deform_attn_impl`, else the environment variable
+``ECLIPSE_DEFORM_ATTN_IMPL``, else ``"auto"``. An explicitly requested implementation that is
+not installed, or does not run on the inputs' device, raises an error; only ``"auto"`` picks.
+All three differentiate the output with respect to the value, the sampling locations and the
+attention weights. :func:`register_ms_deform_attn_core` adds further implementations.
 
 Notation used in the shape comments:
 
@@ -15,17 +27,23 @@ Notation used in the shape comments:
 * ``L``: number of feature levels, ``P``: sampling points per head and level
 """
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 __all__ = [
+    "ENV_VAR",
     "MSDeformAttn",
+    "available_ms_deform_attn_impls",
+    "get_ms_deform_attn_impl",
     "ms_deform_attn",
     "ms_deform_attn_core_pytorch",
     "register_ms_deform_attn_core",
+    "resolve_ms_deform_attn_impl",
+    "set_ms_deform_attn_impl",
 ]
 
 SpatialShapes = Union[Tensor, Sequence[Tuple[int, int]]]
@@ -87,19 +105,114 @@ def ms_deform_attn_core_pytorch(
     return out.view(batch, heads * head_dim, num_queries).transpose(1, 2).contiguous()
 
 
-_accelerated_core: Optional[Callable[..., Tensor]] = None
+# --------------------------------------------------------------------------------------------
+# Implementations and their selection
+# --------------------------------------------------------------------------------------------
+ENV_VAR = "ECLIPSE_DEFORM_ATTN_IMPL"
+#: tried in this order by "auto" for CUDA inputs; "pytorch" when none of them is available
+AUTO_ORDER = ("cuda_ext", "triton")
 
 
-def register_ms_deform_attn_core(fn: Optional[Callable[..., Tensor]]) -> None:
-    """Install (or, with ``None``, remove) a fast implementation used for CUDA inputs.
+class _Implementation:
+    def __init__(self, loader: Callable[[], Callable[..., Tensor]], devices):
+        self.loader = loader
+        self._devices = devices
+        self.fn: Optional[Callable[..., Tensor]] = None
+        self.error: Optional[str] = None  # why it cannot be loaded, once tried
 
-    ``fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)``
-    must follow the shape contract of :func:`ms_deform_attn_core_pytorch` (``spatial_shapes``
-    and ``level_start_index`` are then long tensors on the value's device), which is the
-    interface of the usual compiled kernels.
+    def load(self) -> Optional[Callable[..., Tensor]]:
+        if self.fn is None and self.error is None:
+            try:
+                self.fn = self.loader()
+            except Exception as exc:  # ImportError, or a loader's own check
+                self.error = f"{type(exc).__name__}: {exc}"
+        return self.fn
+
+    @property
+    def devices(self) -> Tuple[str, ...]:
+        return tuple(self._devices() if callable(self._devices) else self._devices)
+
+
+_implementations: Dict[str, _Implementation] = {}
+_selected: Optional[str] = None
+
+
+def register_ms_deform_attn_core(
+    name: str,
+    loader: Callable[[], Callable[..., Tensor]],
+    devices: Union[Sequence[str], Callable[[], Sequence[str]]] = ("cuda",),
+) -> None:
+    """Make an implementation selectable by ``name`` (replacing one of the same name).
+
+    ``loader()`` is called on first use and returns
+    ``fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)`` with
+    the shape contract of :func:`ms_deform_attn_core_pytorch` (``spatial_shapes`` ``[L, 2]`` and
+    ``level_start_index`` ``[L]`` as long tensors), differentiable in ``value``,
+    ``sampling_locations`` and ``attention_weights``. If the loader raises (a missing optional
+    package), the implementation is unavailable and the exception text is the reason reported.
+    ``devices``: the device types (``"cuda"``, ``"cpu"``) the implementation accepts, or a
+    function returning them (asked at every call).
     """
-    global _accelerated_core
-    _accelerated_core = fn
+    if name == "auto":
+        raise ValueError("'auto' is reserved for the automatic choice")
+    _implementations[name] = _Implementation(loader, devices if callable(devices) else tuple(devices))
+
+
+def available_ms_deform_attn_impls() -> Dict[str, Optional[str]]:
+    """Every registered implementation with ``None`` if it loads, else the reason it does not."""
+    return {name: (None if impl.load() is not None else impl.error) for name, impl in _implementations.items()}
+
+
+def set_ms_deform_attn_impl(name: Optional[str]) -> None:
+    """Select the implementation for the whole process: ``"auto"``, ``"pytorch"``, ``"triton"``,
+    ``"cuda_ext"`` or a registered name; ``None`` returns to the environment variable
+    ``ECLIPSE_DEFORM_ATTN_IMPL`` (default ``"auto"``)."""
+    if name is not None:
+        _check_name(name)
+    global _selected
+    _selected = name
+
+
+def get_ms_deform_attn_impl() -> str:
+    """The requested implementation name (before ``"auto"`` is resolved)."""
+    name = _selected if _selected is not None else (os.environ.get(ENV_VAR) or "auto")
+    _check_name(name)
+    return name
+
+
+def _check_name(name: str) -> None:
+    if name != "auto" and name not in _implementations:
+        choices = ", ".join(["auto"] + sorted(_implementations))
+        raise ValueError(f"unknown deformable-attention implementation {name!r} (set via "
+                         f"set_ms_deform_attn_impl or ${ENV_VAR}); choose one of: {choices}")
+
+
+def resolve_ms_deform_attn_impl(device: Union[torch.device, str], name: Optional[str] = None) -> str:
+    """The implementation that runs for inputs on ``device``: ``name`` (default: the selected
+    one) if it is available there, the best available one for ``"auto"``.
+
+    Raises ``RuntimeError`` when an explicitly requested implementation cannot be loaded and
+    ``ValueError`` when it does not run on ``device``; an explicit request never falls back.
+    """
+    name = get_ms_deform_attn_impl() if name is None else name
+    _check_name(name)
+    device_type = torch.device(device).type
+    if name == "auto":
+        if device_type == "cuda":
+            for candidate in AUTO_ORDER:
+                impl = _implementations.get(candidate)
+                if impl is not None and device_type in impl.devices and impl.load() is not None:
+                    return candidate
+        return "pytorch"
+    impl = _implementations[name]
+    if name != "pytorch" and device_type not in impl.devices:
+        raise ValueError(
+            f"deformable-attention implementation {name!r} runs on {'/'.join(impl.devices)} tensors, "
+            f"the inputs are on {device_type}; select 'pytorch' or 'auto' (${ENV_VAR})"
+        )
+    if impl.load() is None:
+        raise RuntimeError(f"deformable-attention implementation {name!r} is not available: {impl.error}")
+    return name
 
 
 def ms_deform_attn(
@@ -108,15 +221,86 @@ def ms_deform_attn(
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    impl: Optional[str] = None,
 ) -> Tensor:
-    """Dispatch to the registered fast core for CUDA tensors, else the pure-PyTorch core.
+    """Run the selected implementation (``impl``, else :func:`get_ms_deform_attn_impl`).
 
     Shapes as in :func:`ms_deform_attn_core_pytorch`; ``level_start_index`` is ``[L]`` (the
-    offset of each level in the flattened value) and only the fast core reads it.
+    offset of each level in the flattened value); the pure-PyTorch core does not need it.
     """
-    if _accelerated_core is not None and value.is_cuda:
-        return _accelerated_core(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    return ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+    name = resolve_ms_deform_attn_impl(value.device, impl)
+    if name == "pytorch":
+        return ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, attention_weights)
+    fn = _implementations[name].fn
+    return fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+def _load_pytorch() -> Callable[..., Tensor]:
+    return lambda value, shapes, _starts, locations, weights: ms_deform_attn_core_pytorch(
+        value, shapes, locations, weights
+    )
+
+
+def _load_triton() -> Callable[..., Tensor]:
+    # optional: triton ships with PyTorch's Linux CUDA wheels, not with every build
+    from .ms_deform_attn_triton import ms_deform_attn_triton
+
+    return ms_deform_attn_triton
+
+
+def _triton_devices() -> Tuple[str, ...]:
+    # Triton's interpreter runs the kernel on CPU tensors (used by the tests)
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+class _CompiledExtensionFunction(torch.autograd.Function):
+    """The compiled ``MultiScaleDeformableAttention`` extension (Deformable DETR / Mask2Former
+    ``ops``), which takes float32 or float64 inputs and a batch chunk size ``im2col_step``."""
+
+    @staticmethod
+    def forward(ctx, ext, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        out_dtype = value.dtype
+        dtype = value.dtype if value.dtype in (torch.float32, torch.float64) else torch.float32
+        value, sampling_locations, attention_weights = (
+            t.to(dtype).contiguous() for t in (value, sampling_locations, attention_weights)
+        )
+        spatial_shapes = spatial_shapes.to(device=value.device, dtype=torch.int64)
+        level_start_index = level_start_index.to(device=value.device, dtype=torch.int64)
+        batch = value.shape[0]
+        # the extension processes the batch in chunks that must divide it
+        step = max(d for d in range(1, min(batch, 64) + 1) if batch % d == 0)
+        out = ext.ms_deform_attn_forward(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, step
+        )
+        ctx.ext, ctx.step, ctx.out_dtype = ext, step, out_dtype
+        ctx.save_for_backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return out.to(out_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        value, shapes, starts, locations, weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = ctx.ext.ms_deform_attn_backward(
+            value, shapes, starts, locations, weights, grad_out.to(value.dtype).contiguous(), ctx.step
+        )
+        return None, grad_value, None, None, grad_locations, grad_weights
+
+
+def _load_cuda_ext() -> Callable[..., Tensor]:
+    # optional: built by the user from Deformable DETR / Mask2Former sources (not shipped here)
+    import MultiScaleDeformableAttention as ext
+
+    def run(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        return _CompiledExtensionFunction.apply(
+            ext, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+
+    return run
+
+
+register_ms_deform_attn_core("pytorch", _load_pytorch, devices=("any",))  # runs on every device
+register_ms_deform_attn_core("triton", _load_triton, devices=_triton_devices)
+register_ms_deform_attn_core("cuda_ext", _load_cuda_ext, devices=("cuda",))
 
 
 class MSDeformAttn(nn.Module):

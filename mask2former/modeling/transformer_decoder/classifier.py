@@ -2,11 +2,15 @@
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import MLP
 
-__all__ = ["IncrementalClassifier"]
+__all__ = ["IncrementalClassifier", "COSINE_SCALE"]
+
+#: logit scale of the cosine classifier (fixed in the official code)
+COSINE_SCALE = 10.0
 
 
 class IncrementalClassifier(nn.Module):
@@ -22,14 +26,21 @@ class IncrementalClassifier(nn.Module):
         hidden_dim: query dimension.
         deep: 3-layer MLP heads (``layers.{0,1,2}``) instead of one Linear layer.
         bias: bias of the Linear heads (the MLP heads always have biases).
+        cosine: cosine classifier (``CONT.COSINE``): bias-free Linear heads and logits
+            ``COSINE_SCALE * <x / |x|, w / |w|>``. As in the official code, ``x [B, Q, C]`` is
+            normalised over dimension 1, the query axis; each weight row over its features.
     """
 
-    def __init__(self, head_sizes: Sequence[int], hidden_dim: int, deep: bool = True, bias: bool = True):
+    def __init__(self, head_sizes: Sequence[int], hidden_dim: int, deep: bool = True, bias: bool = True,
+                 cosine: bool = False):
         super().__init__()
+        if cosine and deep:
+            raise ValueError("the cosine classifier has Linear heads: deep must be False")
+        self.cosine = cosine
         if deep:
             heads = [MLP(hidden_dim, hidden_dim, n, 3) for n in head_sizes]
         else:
-            heads = [nn.Linear(hidden_dim, n, bias=bias) for n in head_sizes]
+            heads = [nn.Linear(hidden_dim, n, bias=bias and not cosine) for n in head_sizes]
         self.cls = nn.ModuleList(heads)
 
     @property
@@ -40,4 +51,8 @@ class IncrementalClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` [..., hidden_dim] -> logits [..., num_classes + 1], no-object last."""
-        return torch.cat([head(x) for head in self.cls[1:]] + [self.cls[0](x)], dim=-1)
+        heads = list(self.cls[1:]) + [self.cls[0]]
+        if self.cosine:
+            x = F.normalize(x, p=2, dim=1)
+            return COSINE_SCALE * torch.cat([F.linear(x, F.normalize(h.weight, p=2, dim=1)) for h in heads], dim=-1)
+        return torch.cat([head(x) for head in heads], dim=-1)

@@ -5,7 +5,6 @@ and post-norm by default (LayerNorm after each residual addition), with an optio
 """
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,20 +21,36 @@ def _xavier_init(module: nn.Module) -> None:
             nn.init.xavier_uniform_(p)
 
 
-class SelfAttentionLayer(nn.Module):
+class _AttentionBlock(nn.Module):
+    """Attention with dropout, a residual and a LayerNorm (after the residual, or before the
+    attention with ``normalize_before``). The attention module is registered under
+    ``ATTENTION_NAME`` (the official state-dict names differ between the two blocks)."""
+
+    ATTENTION_NAME = ""
+
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
+        super().__init__()
+        setattr(self, self.ATTENTION_NAME, nn.MultiheadAttention(d_model, nhead, dropout=dropout))
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+        _xavier_init(self)
+
+    def _residual(self, tgt: Tensor, attend) -> Tensor:
+        """``attend(x)`` gets the (pre-normalised) queries and returns the attended values."""
+        x = self.norm(tgt) if self.normalize_before else tgt
+        tgt = tgt + self.dropout(attend(x))
+        return tgt if self.normalize_before else self.norm(tgt)
+
+
+class SelfAttentionLayer(_AttentionBlock):
     """Self-attention among queries; the positional embedding is added to queries and keys.
 
     Args of ``forward``: ``tgt`` [Q, B, C], ``query_pos`` [Q, B, C], ``tgt_mask`` bool
     [Q, Q] or [B*heads, Q, Q] (True = not allowed).
     """
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
-        super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
-        _xavier_init(self)
+    ATTENTION_NAME = "self_attn"
 
     def forward(
         self,
@@ -44,30 +59,23 @@ class SelfAttentionLayer(nn.Module):
         tgt_key_padding_mask: Optional[Tensor] = None,
         query_pos: Optional[Tensor] = None,
     ) -> Tensor:
-        x = self.norm(tgt) if self.normalize_before else tgt
-        q = k = _with_pos(x, query_pos)
-        attended = self.self_attn(
-            q, k, value=x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
-            need_weights=False,
-        )[0]
-        tgt = tgt + self.dropout(attended)
-        return tgt if self.normalize_before else self.norm(tgt)
+        def attend(x):
+            q = k = _with_pos(x, query_pos)
+            return self.self_attn(
+                q, k, value=x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask, need_weights=False
+            )[0]
+
+        return self._residual(tgt, attend)
 
 
-class CrossAttentionLayer(nn.Module):
+class CrossAttentionLayer(_AttentionBlock):
     """Masked cross-attention from queries [Q, B, C] to image tokens ``memory`` [HW, B, C].
 
     ``memory_mask`` is bool [B*heads, Q, HW] (True = blocked); ``pos`` is added to the keys and
     ``query_pos`` to the queries.
     """
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
-        super().__init__()
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
-        _xavier_init(self)
+    ATTENTION_NAME = "multihead_attn"
 
     def forward(
         self,
@@ -78,17 +86,13 @@ class CrossAttentionLayer(nn.Module):
         pos: Optional[Tensor] = None,
         query_pos: Optional[Tensor] = None,
     ) -> Tensor:
-        x = self.norm(tgt) if self.normalize_before else tgt
-        attended = self.multihead_attn(
-            query=_with_pos(x, query_pos),
-            key=_with_pos(memory, pos),
-            value=memory,
-            attn_mask=memory_mask,
-            key_padding_mask=memory_key_padding_mask,
-            need_weights=False,
-        )[0]
-        tgt = tgt + self.dropout(attended)
-        return tgt if self.normalize_before else self.norm(tgt)
+        def attend(x):
+            return self.multihead_attn(
+                query=_with_pos(x, query_pos), key=_with_pos(memory, pos), value=memory,
+                attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask, need_weights=False,
+            )[0]
+
+        return self._residual(tgt, attend)
 
 
 class FFNLayer(nn.Module):

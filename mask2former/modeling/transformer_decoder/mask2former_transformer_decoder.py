@@ -77,6 +77,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     _version = 2
 
+    # The per-step banks: ModuleLists with one entry per incremental step (index k belongs to
+    # step k + 1). With the class head of each step they are the modules `step_modules` lists,
+    # which initialisation, freezing and checkpoint validation all read; a new per-step module
+    # is a new bank named here (and, if it needs one, a rule in `initialize_step_module`).
+    STEP_BANKS: Tuple[str, ...] = ("prompt_feat", "prompt_embed", "prompt_mask_embed", "prompt_no_obj_embed")
+
     @configurable
     def __init__(
         self,
@@ -98,6 +104,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         prompt_no_obj_mlp: bool = False,
         deep_cls: bool = True,
         cls_bias: bool = True,
+        cosine_cls: bool = False,
         logit_deltas: Optional[Sequence[float]] = None,
         prompt_supervise_all_layers: bool = False,
     ):
@@ -113,8 +120,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             num_prompts: prompts per step P (0: no prompt banks).
             prompt_deep: one positional embedding per decoder layer for each prompt set.
             prompt_mask_mlp: a mask-embedding MLP per prompt set.
-            prompt_no_obj_mlp: a no-object MLP per prompt set (used at inference only).
-            deep_cls, cls_bias: class-head type, see :class:`IncrementalClassifier`.
+            prompt_no_obj_mlp: a no-object MLP per prompt set, used at inference (in training see
+                :meth:`_training_no_object_heads`).
+            deep_cls, cls_bias, cosine_cls: class-head type, see :class:`IncrementalClassifier`.
             logit_deltas: one delta per group for the inference logit manipulation.
             prompt_supervise_all_layers: at step > 0, return every layer's prediction as
                 auxiliary output instead of only the pre-decoder one.
@@ -181,7 +189,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 self.input_proj.append(nn.Sequential())
 
         self.class_embed = IncrementalClassifier(
-            [1] + self.class_groups, hidden_dim, deep=deep_cls, bias=cls_bias
+            [1] + self.class_groups, hidden_dim, deep=deep_cls, bias=cls_bias, cosine=cosine_cls
         )
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
         self.prompt_mask_embed = nn.ModuleList(
@@ -196,7 +204,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mf, cont = cfg.MODEL.MASK_FORMER, cfg.CONT
         if mf.DEC_LAYERS < 1:
             raise ValueError("MODEL.MASK_FORMER.DEC_LAYERS must be >= 1 (the decoder uses DEC_LAYERS - 1 layers)")
-        class_groups = step_class_groups(cont.BASE_CLS, cont.INC_CLS, cont.TASK)
+        # with a background class (MASK_BG or PER_PIXEL with semantic inference) the base head
+        # has one more output, column 0 = background (order position 0)
+        background = bool((mf.TEST.MASK_BG or mf.PER_PIXEL) and mf.TEST.SEMANTIC_ON)
+        class_groups = step_class_groups(cont.BASE_CLS + int(background), cont.INC_CLS, cont.TASK)
         return {
             "in_channels": in_channels,
             "mask_classification": mask_classification,
@@ -215,6 +226,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "prompt_no_obj_mlp": cont.PROMPT_NO_OBJ_MLP,
             "deep_cls": cont.DEEP_CLS,
             "cls_bias": cont.USE_BIAS,
+            "cosine_cls": cont.COSINE,
             "logit_deltas": parse_logit_deltas(cont.LOGIT_MANI_DELTAS, len(class_groups)),
             "prompt_supervise_all_layers": cont.PROMPT_SUPERVISE_ALL_LAYERS,
         }
@@ -229,6 +241,50 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
     def query_group_sizes(self) -> List[int]:
         """Number of queries of each group at inference: ``[Q0, P, ..., P]``."""
         return [self.num_queries] + [self.num_prompts] * len(self.prompt_feat)
+
+    def step_modules(self, step: int) -> Dict[str, nn.Module]:
+        """The modules that belong to ``step`` (>= 1) alone, by name relative to this decoder:
+        the entry ``step - 1`` of every non-empty bank of ``STEP_BANKS``, then the class head
+        ``class_embed.cls.{step + 1}``. Empty when ``step`` is 0 or beyond the decoder's step."""
+        if not 1 <= step <= self.num_steps:
+            return {}
+        modules = {}
+        for bank in self.STEP_BANKS:
+            entries = getattr(self, bank)
+            if len(entries) >= step:
+                modules[f"{bank}.{step - 1}"] = entries[step - 1]
+        modules[f"class_embed.cls.{step + 1}"] = self.class_embed.cls[step + 1]
+        return modules
+
+    @torch.no_grad()
+    def initialize_step_module(self, name: str, module: nn.Module) -> bool:
+        """Initialise one module of :meth:`step_modules` from the base model, in place; returns
+        whether anything was written (see ``continual.prompt_tuning.initialize_new_step``).
+
+        * ``prompt_feat``: every row = mean of ``query_feat``'s rows;
+        * ``prompt_embed`` (each per-layer table when deep): every row = mean of ``query_embed``;
+        * ``prompt_mask_embed``: a copy of ``mask_embed``;
+        * ``class_embed.cls``: the no-object head ``cls[0]``, its single output row repeated for
+          every new class, so every new-class logit starts equal to the no-object logit;
+        * ``prompt_no_obj_embed``: kept as constructed (docs/official_behaviours.md#step-initialisation).
+        """
+        bank = name.rsplit(".", 1)[0]
+        if bank == "prompt_feat":
+            module.weight.copy_(self.query_feat.weight.mean(0).expand_as(module.weight))
+        elif bank == "prompt_embed":
+            mean_pos = self.query_embed.weight.mean(0)
+            for table in (module if self.prompt_deep else [module]):
+                table.weight.copy_(mean_pos.expand_as(table.weight))
+        elif bank == "prompt_mask_embed":
+            module.load_state_dict(self.mask_embed.state_dict())
+        elif bank == "class_embed.cls":
+            dst = module.state_dict()
+            for key, src in self.class_embed.cls[0].state_dict().items():
+                # same-shaped tensors (hidden layers) are copied; the output row is repeated
+                dst[key].copy_(src if src.shape == dst[key].shape else src.expand_as(dst[key]))
+        else:
+            return False
+        return True
 
     def _prompt_pos(self, k: int, layer: int) -> Tensor:
         bank = self.prompt_embed[k]
@@ -256,6 +312,14 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         if self.has_prompts:
             return self._forward_prompt_train(memories, mask_features)
         return self._forward_base_train(memories, mask_features)
+
+    def forward_training_layout(self, x: List[Tensor], mask_features: Tensor) -> Dict:
+        """The base queries' predictions in the training layout (``pred_logits``, ``pred_masks``
+        and every layer's ``aux_outputs``) whatever the mode: the frozen teacher of the
+        distillation baselines runs in eval mode but needs them. Only without prompt sets."""
+        if self.has_prompts:
+            raise ValueError("forward_training_layout is for models without prompt sets (CONT.NUM_PROMPTS 0)")
+        return self._forward_base_train(self._prepare_memories(x), mask_features)
 
     def _prepare_memories(self, x: List[Tensor]) -> List[Tuple[Tensor, Tensor, Tuple[int, int]]]:
         """Per level: (tokens [HW, B, C] with level embedding, sine positions [HW, B, C], (H, W))."""
@@ -317,6 +381,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_heads, sizes = heads
         decoded = self.decoder_norm(output).transpose(0, 1)
         class_logits = self.class_embed(decoded)
+        if self.training and self.has_prompts and len(self.prompt_no_obj_embed):
+            self._training_no_object_heads(class_logits, decoded)
         if len(mask_heads) == 1:
             mask_emb = mask_heads[0](decoded)
         else:
@@ -326,6 +392,21 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         attn = F.interpolate(mask_logits, size=attn_size, mode="bilinear", align_corners=False)
         attn = attn.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
         return class_logits, mask_logits, attn.detach()
+
+    def _training_no_object_heads(self, class_logits: Tensor, decoded: Tensor) -> None:
+        """The per-step no-object heads in a prompt-tuning forward, as the official code runs them.
+
+        The official training forward writes each head's output into the rows that step's
+        prompts would occupy at inference (offset ``Q0 + (k) * P``), although the training
+        tensor holds only the P newest prompts. With ``Q0 >= P`` these row ranges are empty: the
+        heads change no logit, but they stay in the autograd graph, so the trainable newest head
+        gets a gradient of zeros (not None) and AdamW's weight decay still shrinks it.
+        """
+        rows = decoded.shape[1]
+        for k, head in enumerate(self.prompt_no_obj_embed):
+            start = min(self.num_queries + k * self.num_prompts, rows)
+            stop = min(start + self.num_prompts, rows)
+            class_logits[:, start:stop, -1] = head(decoded)[:, start:stop, 0]
 
     def _forward_base_train(self, memories, mask_features: Tensor) -> Dict:
         bs = mask_features.shape[0]
