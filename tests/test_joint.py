@@ -179,3 +179,16 @@ def test_custom_script_settings(tmp_path):
     res = subprocess.run(["bash", str(REPO / "script" / "custom.sh")], cwd=REPO, env=dict(env, INC="3"),
                          capture_output=True, text=True)
     assert res.returncode != 0 and "10 - BASE=6 is not a multiple of INC=3" in res.stderr
+
+
+@pytest.mark.slow
+def test_synthetic_benchmark_with_the_joint_row(tmp_path):
+    """tools/synthetic_benchmark.py --joint (quick): the joint run and its table in the summary."""
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "synthetic_benchmark.py"), "--quick", "--joint",
+                          "--skip-baseline", "--num-vis", "0", "--threads", "1", "--output", str(tmp_path)],
+                         cwd=REPO, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["joint"]) == {"base", "old", "new", "all"}
+    assert "| joint (all classes at once) |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "runs" / "syn-pan_6-2-ov" / "all_classes_joint" / "step0" / "model_final.pth").is_file()
