@@ -92,9 +92,10 @@ DATA_STAMP = ".benchmark_data.json"
 PRESETS: Dict[str, Dict] = {
     # the baselines (fine-tuning, CoMFormer): 200 iterations of the whole model each, at the
     # step-0 LR (None), to keep the whole benchmark within its time budget; the joint upper
-    # bound (--joint, off by default): 500 iterations, half of step 0's
+    # bound (--joint, off by default): None = step 0's iterations (with 500 the tiny model had
+    # not learned the thing classes yet: no upper bound)
     "full": dict(num_train=300, num_val=100, size=128, max_things=4, step0_iters=None, iters=None,
-                 finetune_iters=200, finetune_lr=None, joint_iters=500, extra=[]),
+                 finetune_iters=200, finetune_lr=None, joint_iters=None, extra=[]),
     "quick": dict(num_train=16, num_val=4, size=64, max_things=4, step0_iters=6, iters=4,
                   finetune_iters=4, finetune_lr=None, joint_iters=6,
                   extra=["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
@@ -573,7 +574,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-baseline", action="store_true", help="do not run the baselines (fine-tuning, CoMFormer)")
     p.add_argument("--joint", action="store_true",
                    help="also train the joint upper bound (all classes at once; off by default: time budget)")
-    p.add_argument("--joint-iters", type=int, default=None, help="iterations of the joint upper bound (default: the preset's)")
+    p.add_argument("--joint-iters", type=int, default=None, help="iterations of the joint upper bound (default: step 0's)")
     p.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: min(2, CPUs))")
     p.add_argument("--num-vis", type=int, default=4, help="validation images to draw (0: none)")
     p.add_argument("--num-train", type=int, default=None, help="training images (default: the preset's)")
@@ -649,7 +650,7 @@ def main(argv=None) -> int:
     ft_lr = str(preset["finetune_lr"] or settings["STEP0_LR"])
     settings.update(FT_ITERS=ft_iters, FT_LR=ft_lr)
     if args.joint:
-        settings["JOINT_ITERS"] = str(args.joint_iters or preset["joint_iters"])
+        settings["JOINT_ITERS"] = str(args.joint_iters or preset["joint_iters"] or settings["STEP0_ITERS"])
     env["EXTRA_ARGS"] = " ".join(["CONT.RESULTS_DIR", results_dir] + list(preset["extra"]))
 
     stages = [Stage("data", "synthetic data"),
