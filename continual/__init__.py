@@ -5,8 +5,10 @@ run names, scenarios (class order, steps, image membership), the step loaders, w
 between steps (``prompt_tuning``: initialisation and freezing, driven by the decoder's
 ``step_modules``), checkpoint validation, evaluation and result files, the trainer, the
 distillation baselines (``distillation``: losses and teacher), which official keys act or stop
-(``compat``, with weight aligning), the per-step training costs (``costs``), and the
-comparison with the official reference fixtures (``reference_check``).
+(``compat``, with weight aligning), the per-step training costs (``costs``), the joint upper
+bound (``joint``: its training and evaluation configs), gradient accumulation over micro-batches
+(``accumulation``), and the comparison with the official reference fixtures
+(``reference_check``).
 
 May import: ``mask2former``, torch, detectron2 and its own modules. See docs/design.md#code-layout.
 """

@@ -18,6 +18,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from mask2former.config import add_maskformer2_config
+from mask2former.data.datasets.register_custom import register_custom_dataset
 
 __all__ = [
     "add_continual_config", "task_name", "step_output_dir", "setup_continual_names", "merge_config", "setup_cfg",
@@ -64,6 +65,15 @@ def add_continual_config(cfg: CN) -> None:
     c.OVERWRITE = False
     # folder of the official per-scenario CSV files (<RESULTS_DIR>/<TASK_NAME>.csv)
     c.RESULTS_DIR = "results"
+    # not in the official code: the joint upper bound, all classes in one step (continual/joint.py)
+    c.JOINT = False
+    # not in the official code: gradient accumulation; IMS_PER_BATCH stays the global batch
+    # (continual/accumulation.py)
+    cfg.SOLVER.ACCUMULATE_STEPS = 1
+    cfg.SOLVER.MAX_IMS_PER_DEVICE = 0  # 0: no limit
+    # not in the official code: a dataset description file registered by merge_config
+    # (mask2former/data/datasets/register_custom.py)
+    cfg.DATASETS.CUSTOM_FILE = ""
 
 
 def task_name(cfg: CN) -> str:
@@ -137,7 +147,8 @@ def _int_accepted_for_float():
 
 
 def merge_config(cfg: CN, config_file: Optional[str], opts) -> CN:
-    """Merge ``config_file`` (None: none) and the ``KEY VALUE`` list ``opts`` into ``cfg``.
+    """Merge ``config_file`` (None: none) and the ``KEY VALUE`` list ``opts`` into ``cfg``, then
+    register the datasets of ``DATASETS.CUSTOM_FILE`` (if set).
 
     An unknown key stops with a ``KeyError`` that names the key, where it came from and the
     closest known keys (yacs only says "Non-existent key"). An integer is accepted for a float key.
@@ -158,6 +169,9 @@ def merge_config(cfg: CN, config_file: Optional[str], opts) -> CN:
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise KeyError(f"unknown config key {key} in {source}.{hint} Known keys are defined in "
                            f"mask2former/config.py, continual/config.py and detectron2's defaults.") from None
+    if cfg.DATASETS.get("CUSTOM_FILE"):
+        # registered here, so that every process and every tool has the datasets it names
+        register_custom_dataset(cfg.DATASETS.CUSTOM_FILE)
     return cfg
 
 

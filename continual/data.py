@@ -15,6 +15,7 @@ from detectron2.data import build_detection_test_loader, build_detection_train_l
 from detectron2.data.samplers import TrainingSampler
 from detectron2.utils import comm
 
+from .accumulation import micro_batch_size
 from .scenario import IGNORE_LABEL, LUT_SIZE, Scenario, step_index_cache_path
 
 __all__ = [
@@ -154,7 +155,8 @@ def build_step_train_loader(cfg, mapper: Callable, scenario: Optional[Scenario] 
 
     Returns:
         the loader of :func:`detectron2.data.build_detection_train_loader` (an infinite stream of
-        batches of mapped dicts).
+        batches of mapped dicts; with ``SOLVER.ACCUMULATE_STEPS A`` of micro-batches of
+        ``IMS_PER_BATCH / (processes * A)`` images per process).
     """
     scenario = scenario or Scenario.from_config(cfg)
     step = cfg.CONT.TASK
@@ -184,9 +186,11 @@ def build_step_train_loader(cfg, mapper: Callable, scenario: Optional[Scenario] 
     subset = [dicts[i] for i in indices]
     lut = scenario.label_lut(step, train=True)
     sampler = ResumableTrainingSampler(len(subset))
+    # with SOLVER.ACCUMULATE_STEPS A the loader yields micro-batches: A of them per step
+    world = comm.get_world_size()
     loader = build_detection_train_loader(
         cfg, mapper=ContinualMapper(mapper, lut, background=_background_class(cfg)), dataset=subset,
-        sampler=sampler,
+        sampler=sampler, total_batch_size=micro_batch_size(cfg, world) * world,
     )
     loader.resumable_sampler = sampler  # the trainer sets its start when resuming
     return loader

@@ -47,6 +47,8 @@ from detectron2.data import MetadataCatalog
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
+from mask2former.data.datasets.register_custom import check_order_classes
+
 from .config import task_name
 from .io import atomic_write
 
@@ -138,6 +140,8 @@ class Scenario:
             correct_ids=bool(cfg.CONT.get("COCO_CORRECT_IDS", False)),
             name=_cfg_task_name(cfg),
         )
+        # a dataset registered from a description file: the order must name its classes
+        check_order_classes(scenario.order, dataset_name)
         task = cfg.CONT.TASK
         if not isinstance(task, int) or not 0 <= task < scenario.num_steps:
             raise ValueError(

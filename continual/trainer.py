@@ -17,7 +17,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 from detectron2.data import DatasetMapper, MetadataCatalog
-from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.engine import DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import DatasetEvaluators
 from detectron2.modeling import build_model as build_detectron2_model
 from detectron2.solver.build import maybe_add_gradient_clipping
@@ -28,6 +28,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mask2former.data.dataset_mappers import build_train_mapper
 
+from . import joint
+from .accumulation import build_step_trainer
 from .checkpoint import check_backbone_initialisation, check_checkpoint_for_step, read_model_state
 from .checkpoint_io import SafeCheckpointer, UnreadableCheckpointError, checkpoint_is_readable
 from .compat import WeightAligningHook, check_continual_keys
@@ -160,7 +162,7 @@ class IncrementalTrainer(DefaultTrainer):
         use_amp = cfg.SOLVER.AMP.ENABLED and torch.cuda.is_available() and cfg.MODEL.DEVICE != "cpu"
         if cfg.SOLVER.AMP.ENABLED and not use_amp:
             logger.info("SOLVER.AMP.ENABLED is ignored without a GPU: training in float32")
-        self._trainer = (AMPTrainer if use_amp else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = build_step_trainer(cfg, model, data_loader, optimizer, use_amp)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
@@ -185,8 +187,9 @@ class IncrementalTrainer(DefaultTrainer):
     # ------------------------------------------------------------------ builders
     @classmethod
     def build_model(cls, cfg) -> nn.Module:
-        """The model of step ``CONT.TASK`` with the step's trainable set (docs/design.md#per-step-modules)."""
-        model = build_detectron2_model(cfg)
+        """The model of step ``CONT.TASK`` with the step's trainable set (docs/design.md#per-step-modules);
+        with ``CONT.JOINT`` one step with every class (:func:`continual.joint.training_config`)."""
+        model = build_detectron2_model(joint.training_config(cfg))
         configure_trainable_parameters(model, cfg)
         names = trainable_parameter_names(model)
         count = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -225,15 +228,16 @@ class IncrementalTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_step_train_loader(cfg, build_train_mapper(cfg))
+        return build_step_train_loader(joint.training_config(cfg), build_train_mapper(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_step_test_loader(cfg, dataset_name, DatasetMapper(cfg, False))
+        return build_step_test_loader(joint.evaluation_config(cfg), dataset_name, DatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        cfg = joint.evaluation_config(cfg)  # CONT.JOINT: the split of the scenario's last step
         kind = MetadataCatalog.get(dataset_name).get("evaluator_type", None)
         test = cfg.MODEL.MASK_FORMER.TEST
         evaluators = []

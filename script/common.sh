@@ -1,6 +1,6 @@
 # Shared driver of the scenario scripts (sourced by script/<benchmark>/<scenario>.sh).
 #
-# A scenario script sets its benchmark (BENCHMARK: ade_ps, ade_ss, coco_ps or synthetic) and the
+# A scenario script sets its benchmark (BENCHMARK: ade_ps, ade_ss, coco_ps, synthetic or custom) and the
 # official hyper-parameters (BASE, INC, STEPS, QUERIES, STEP0_*, PROMPTS, ITERS, LR, EVAL_PERIOD,
 # TRAIN_DELTAS, EVAL_DELTAS, STEP0_CKPT, FINAL_CKPT) and calls run_scenario. The model and class
 # order come from select_variant below. Users steer a run with environment variables:
@@ -21,10 +21,22 @@
 #                        e.g. the released results/ade_ps_100_5_final.pth)
 #   NAME, OUTPUT_ROOT    run name and output root (outputs: OUTPUT_ROOT/<task name>/NAME/step<t>)
 #   NUM_GPUS             processes (default: number of GPUs from nvidia-smi, else 1)
+#   IMS_PER_DEVICE       most images per device and forward pass (default: the official runs'
+#                        per-GPU batch, their global batch on 4 GPUs: 2 for ADE20K panoptic and
+#                        script/custom.sh, 4 for ADE20K semantic and COCO; 0 = no limit): on
+#                        fewer GPUs the global batch SOLVER.IMS_PER_BATCH stays the config's and
+#                        every process accumulates gradients over micro-batches
+#                        (SOLVER.MAX_IMS_PER_DEVICE, README)
+#   JOINT=1              train the joint upper bound instead: one model on all classes of the
+#                        scenario at once (step-0 schedule, JOINT_ITERS iterations, default
+#                        STEP0_ITERS), evaluated with the scenario's base/new split; run name
+#                        NAME + _joint
 #   PYTHON               interpreter (default: python)
 #   EXTRA_ARGS           extra KEY VALUE overrides appended to every command (e.g. a smaller model)
 #   RESUME=1             pass --resume (continue interrupted steps)
 #   PRINT_SETTINGS=1     print the scenario's settings (KEY=VALUE lines) and run nothing
+#   MODE                 image membership: overlap (default, the official scripts), disjoint,
+#                        sequential
 #   METHOD               eclipse (default) | ft | mib | plop | comformer: the steps > 0 train
 #                        ECLIPSE's prompts, or a baseline that fine-tunes the whole model
 #                        (CONT.NUM_PROMPTS 0) with the CONT.DIST keys of select_method below;
@@ -104,10 +116,18 @@ select_variant() {
         synthetic)
             [ -z "${BACKBONE:-}${ORDER:-}" ] || die "script/synthetic takes no BACKBONE / ORDER (its model is configs/synthetic/maskformer2_R18_tiny.yaml); unset them"
             CONFIG=${USER_CONFIG:-$SYNTHETIC_CONFIG}; VARIANT_OPTS=(); VARIANT=; VARIANT_DEFAULT=1
+            PER_DEVICE_DEFAULT=0  # its global batch of 2 fits any device
+            return 0 ;;
+        custom)
+            [ -z "${BACKBONE:-}${ORDER:-}" ] || die "script/custom.sh takes CONFIG (the model config) and CLASS_ORDER, not BACKBONE / ORDER; unset them"
+            CONFIG=${USER_CONFIG:-$CUSTOM_CONFIG}; VARIANT_OPTS=("${CUSTOM_OPTS[@]}"); VARIANT=; VARIANT_DEFAULT=0
+            PER_DEVICE_DEFAULT=2  # the default CONFIG's: ADE20K panoptic, 8 images on 4 GPUs
             return 0 ;;
         *) die "unknown BENCHMARK=$BENCHMARK in the scenario script" ;;
     esac
     VARIANT_OPTS=(); VARIANT=; VARIANT_DEFAULT=1
+    # the official runs' images per GPU: global batch 8 (ADE20K panoptic) or 16 on 4 GPUs
+    if [ "$BENCHMARK" = ade_ps ]; then PER_DEVICE_DEFAULT=2; else PER_DEVICE_DEFAULT=4; fi
     if [ -n "$USER_CONFIG" ]; then
         [ -z "${BACKBONE:-}${ORDER:-}" ] || die "set either CONFIG or BACKBONE / ORDER, not both (CONFIG=$USER_CONFIG BACKBONE=${BACKBONE:-} ORDER=${ORDER:-})"
         CONFIG=$USER_CONFIG; VARIANT_DEFAULT=0
@@ -178,10 +198,12 @@ run_scenario() {
         for key in BENCHMARK CONFIG BASE INC STEPS QUERIES STEP0_ITERS STEP0_LR PROMPTS ITERS LR EVAL_PERIOD TRAIN_DELTAS EVAL_DELTAS STEP0_CKPT; do
             echo "$key=${!key:-}"
         done
+        echo "NUM_GPUS=$(count_gpus)"
+        echo "IMS_PER_DEVICE=${IMS_PER_DEVICE:-$PER_DEVICE_DEFAULT}"
         echo "VARIANT_OPTS=${VARIANT_OPTS[*]}"
         echo "METHOD=${METHOD:-eclipse}"
         echo "STEP_OPTS=${STEP_OPTS[*]} SOLVER.MAX_ITER $STEP_ITERS SOLVER.BASE_LR $STEP_LR"
-        echo "NAME=${NAME:-$DEFAULT_NAME$VARIANT$METHOD_SUFFIX}"
+        echo "NAME=${NAME:-$DEFAULT_NAME$VARIANT$METHOD_SUFFIX}$([ "${JOINT:-0}" = 1 ] && echo _joint)"
         return 0
     fi
     local python=${PYTHON:-python}
@@ -198,11 +220,22 @@ run_scenario() {
     local common=(--num-gpus "$gpus" --config-file "$CONFIG" "${VARIANT_OPTS[@]}"
         OUTPUT_DIR "$output_root"
         MODEL.MASK_FORMER.TEST.MASK_BG False MODEL.MASK_FORMER.PER_PIXEL False MODEL.MASK_FORMER.FOCAL True
-        CONT.BASE_CLS "$BASE" CONT.INC_CLS "$INC" CONT.MODE overlap SEED 42
+        CONT.BASE_CLS "$BASE" CONT.INC_CLS "$INC" CONT.MODE "${MODE:-overlap}" SEED 42
         MODEL.MASK_FORMER.NUM_OBJECT_QUERIES "$QUERIES"
         MODEL.MASK_FORMER.DICE_WEIGHT 5.0 MODEL.MASK_FORMER.MASK_WEIGHT 5.0
-        MODEL.MASK_FORMER.SOFTMASK False CONT.SOFTCLS False)
+        MODEL.MASK_FORMER.SOFTMASK False CONT.SOFTCLS False
+        SOLVER.MAX_IMS_PER_DEVICE "${IMS_PER_DEVICE:-$PER_DEVICE_DEFAULT}")
     local vpt=("${STEP_OPTS[@]}")
+
+    if [ "${JOINT:-0}" = 1 ]; then  # the joint upper bound replaces the continual steps
+        [ "${METHOD:-eclipse}" = eclipse ] || die "JOINT=1 trains the joint upper bound, which has no continual method: unset METHOD (METHOD=$METHOD)"
+        echo "== joint upper bound: all $((BASE + STEPS * INC)) classes in one step, evaluated with the $BASE-$INC split"
+        "$python" "$REPO_ROOT/train_continual.py" "${common[@]}" "${resume[@]}" \
+            MODEL.MASK_FORMER.CLASS_WEIGHT 2.0 CONT.NUM_PROMPTS 0 CONT.DEEP_CLS True CONT.TASK 0 CONT.JOINT True \
+            SOLVER.MAX_ITER "${JOINT_ITERS:-$STEP0_ITERS}" SOLVER.BASE_LR "$STEP0_LR" TEST.EVAL_PERIOD "$STEP0_EVAL" \
+            SOLVER.CHECKPOINT_PERIOD "$STEP0_EVAL" NAME "${name}_joint" WANDB False "${extra[@]}"
+        return 0
+    fi
 
     local step0=${STEP0_WEIGHTS:-$STEP0_CKPT}
     if [ "${RUN_STEP0:-0}" = 1 ]; then

@@ -62,6 +62,7 @@ ACTS = {
     "CONT.PROMPT_NO_OBJ_MLP": "prompt banks", "CONT.DEEP_CLS": "class heads",
     "CONT.LOGIT_MANI_DELTAS": "inference", "CONT.PROMPT_SUPERVISE_ALL_LAYERS": "aux outputs",
     "CONT.COCO_CORRECT_IDS": "labels", "CONT.OVERWRITE": "finished steps", "CONT.RESULTS_DIR": "csv folder",
+    "CONT.JOINT": "joint upper bound",
     # the compatibility keys, tested below
     "CONT.COSINE": "cosine classifier", "CONT.WA_STEP": "weight aligning", "CONT.INC_QUERY": "no effect",
     **{f"CONT.DIST.{k}": "distillation loss" for k in ("POD_WEIGHT", "KD_WEIGHT", "ALPHA", "UCE", "UKD", "L2",

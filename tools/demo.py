@@ -55,6 +55,7 @@ from continual.checkpoint import CheckpointMismatchError, check_checkpoint_for_s
 from continual.checkpoint_io import SafeCheckpointer  # noqa: E402
 from continual.config import setup_cfg as build_config  # noqa: E402
 from continual.io import atomic_write  # noqa: E402
+from continual.joint import training_config  # noqa: E402
 from continual.scenario import Scenario  # noqa: E402
 from mask2former.data.dataset_mappers.file_reading import read_image_file  # noqa: E402
 
@@ -248,7 +249,7 @@ class Predictor:
         if not os.path.isfile(weights):
             raise FileNotFoundError(f"checkpoint {weights!r} does not exist")
         self.cfg = cfg
-        self.model = build_model(cfg).eval()
+        self.model = build_model(training_config(cfg)).eval()  # CONT.JOINT: one head for every class
         check_checkpoint_for_step(read_model_state(weights), self.model, cfg.CONT.TASK,
                                   previous_step=False, source=weights)
         SafeCheckpointer(self.model).load(weights)

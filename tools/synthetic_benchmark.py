@@ -16,6 +16,9 @@ What it does (this is ``make demo``):
    **CoMFormer** (``METHOD=comformer``, run ``comformer``: fine-tuning regularised by the frozen
    previous model, pseudo-labels and unbiased KD): steps 1 and 2 from the same step-0 checkpoint
    with ``CONT.NUM_PROMPTS 0``, the whole model trained (``--skip-baseline`` leaves both out);
+   With ``--joint`` it also trains the **joint upper bound** (``JOINT=1``, run
+   ``all_classes_joint``): one model on all 10 classes at once, evaluated with the split of the
+   last step;
 4. prints a table per method and step of PQ base / old / new / all and the training costs
    (trainable parameters, seconds per training iteration, peak memory; from each step's
    ``training_costs.json``), checks the expected behaviour (ECLIPSE keeps its base PQ and
@@ -80,6 +83,7 @@ COMFORMER_NAME = "comformer"
 #: the methods of the table, in order: (key = run name, label)
 METHODS = (("eclipse", "ECLIPSE"), ("finetune", "fine-tuning"), ("comformer", "CoMFormer"))
 COST_KEYS = ("trainable_parameters", "seconds_per_iteration", "peak_rss_mb")
+JOINT_NAME = "all_classes"  # the scripts append _joint: runs/<task>/all_classes_joint
 SPLITS = ("base", "old", "new", "all")
 _METRIC_KEYS = {"base": "PQ_base", "old": "PQ_old", "new": "PQ_new", "all": "PQ"}
 DATA_STAMP = ".benchmark_data.json"
@@ -87,11 +91,13 @@ DATA_STAMP = ".benchmark_data.json"
 #: dataset and run settings; ``None`` = the value of script/synthetic/6_2.sh
 PRESETS: Dict[str, Dict] = {
     # the baselines (fine-tuning, CoMFormer): 200 iterations of the whole model each, at the
-    # step-0 LR (None), to keep the whole benchmark within its time budget
+    # step-0 LR (None), to keep the whole benchmark within its time budget; the joint upper
+    # bound (--joint, off by default): None = step 0's iterations (with 500 the tiny model had
+    # not learned the thing classes yet: no upper bound)
     "full": dict(num_train=300, num_val=100, size=128, max_things=4, step0_iters=None, iters=None,
-                 finetune_iters=200, finetune_lr=None, extra=[]),
+                 finetune_iters=200, finetune_lr=None, joint_iters=None, extra=[]),
     "quick": dict(num_train=16, num_val=4, size=64, max_things=4, step0_iters=6, iters=4,
-                  finetune_iters=4, finetune_lr=None,
+                  finetune_iters=4, finetune_lr=None, joint_iters=6,
                   extra=["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
                          "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256"]),
 }
@@ -282,6 +288,21 @@ def summarize(eclipse_metrics: str, finetune_metrics: Optional[str], output: str
     with open(os.path.join(output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def joint_row(metrics: Mapping[str, Mapping]) -> Dict[str, Optional[float]]:
+    """PQ base / old / new / all of the joint upper bound from its ``metrics.json`` (its one step,
+    evaluated with the split of the scenario's last step)."""
+    entry = metrics.get("0") or {}
+    pq = entry.get("panoptic_seg", entry) if isinstance(entry, Mapping) else {}
+    return {split: _number(pq.get(key)) for split, key in _METRIC_KEYS.items()}
+
+
+def format_joint_table(row: Mapping[str, Optional[float]], last_step: int) -> str:
+    """The joint upper bound as a one-row Markdown table, comparable to the last step's row."""
+    return "\n".join([f"| upper bound (split of step {last_step}) | " + " | ".join(SPLITS) + " |",
+                      "|---|" + "---|" * len(SPLITS),
+                      "| joint (all classes at once) | " + " | ".join(_fmt(row.get(s)) for s in SPLITS) + " |"])
 
 
 def format_checks(checks: Sequence[Mapping]) -> str:
@@ -551,6 +572,9 @@ def parse_args(argv=None):
                    help="datasets root; the data go to <root>/synthetic (default: <output>/data)")
     p.add_argument("--quick", action="store_true", help="tiny data, a few iterations: a smoke test of the pipeline")
     p.add_argument("--skip-baseline", action="store_true", help="do not run the baselines (fine-tuning, CoMFormer)")
+    p.add_argument("--joint", action="store_true",
+                   help="also train the joint upper bound (all classes at once; off by default: time budget)")
+    p.add_argument("--joint-iters", type=int, default=None, help="iterations of the joint upper bound (default: step 0's)")
     p.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: min(2, CPUs))")
     p.add_argument("--num-vis", type=int, default=4, help="validation images to draw (0: none)")
     p.add_argument("--num-train", type=int, default=None, help="training images (default: the preset's)")
@@ -585,6 +609,7 @@ def _estimates(settings: Mapping[str, str], preset: Mapping, threads: int) -> Di
         "eclipse_eval": startup + per_eval,
         "finetune1": startup + finetune + per_eval, "finetune2": startup + finetune + per_eval,
         "comformer1": startup + comformer + per_eval, "comformer2": startup + comformer + per_eval,
+        "joint": startup + int(settings.get("JOINT_ITERS", 0)) * (0.04 + 0.11 * pixels) + per_eval,
         "report": 15.0,
     }.items()}
 
@@ -624,6 +649,8 @@ def main(argv=None) -> int:
     ft_iters = str(args.iters or preset["finetune_iters"] or settings["ITERS"])
     ft_lr = str(preset["finetune_lr"] or settings["STEP0_LR"])
     settings.update(FT_ITERS=ft_iters, FT_LR=ft_lr)
+    if args.joint:
+        settings["JOINT_ITERS"] = str(args.joint_iters or preset["joint_iters"] or settings["STEP0_ITERS"])
     env["EXTRA_ARGS"] = " ".join(["CONT.RESULTS_DIR", results_dir] + list(preset["extra"]))
 
     stages = [Stage("data", "synthetic data"),
@@ -636,12 +663,15 @@ def main(argv=None) -> int:
                    Stage("finetune2", "fine-tuning step 2: +2 classes (whole model)"),
                    Stage("comformer1", "CoMFormer step 1: +2 classes (whole model, teacher)"),
                    Stage("comformer2", "CoMFormer step 2: +2 classes (whole model, teacher)")]
+    if args.joint:
+        stages.append(Stage("joint", "joint upper bound: all 10 classes at once"))
     stages.append(Stage("report", "table, plot and overlays"))
     for stage, seconds in ((s, _estimates(settings, preset, threads)[s.key]) for s in stages):
         stage.estimate = seconds
     iters = {"step0": int(settings["STEP0_ITERS"]), "eclipse1": int(settings["ITERS"]),
              "eclipse2": int(settings["ITERS"]), "finetune1": int(ft_iters), "finetune2": int(ft_iters),
-             "comformer1": int(ft_iters), "comformer2": int(ft_iters)}
+             "comformer1": int(ft_iters), "comformer2": int(ft_iters),
+             "joint": int(settings.get("JOINT_ITERS", 0))}
 
     if archived:
         print(f"The earlier run in {output} was moved to {archived} (delete it when you no longer need it, "
@@ -686,6 +716,12 @@ def main(argv=None) -> int:
                        progress, baseline_stage, iters.get)
             progress.finish(f"{name}2")
 
+    if args.joint:
+        run_script(dict(env, NAME=JOINT_NAME, JOINT="1", JOINT_ITERS=settings["JOINT_ITERS"]),
+                   os.path.join(logs, "joint.log"), progress, lambda line: "joint" if line.startswith("== joint") else None,
+                   iters.get)
+        progress.finish("joint")
+
     progress.begin("report")
     baseline = (lambda name: None if args.skip_baseline else os.path.join(run_dir, name, "metrics.json"))
     summary = summarize(os.path.join(run_dir, ECLIPSE_NAME, "metrics.json"), baseline(FINETUNE_NAME), output,
@@ -711,6 +747,12 @@ def main(argv=None) -> int:
             "official evaluation), and the costs of training the step: trainable parameters, median seconds "
             "per training iteration, peak resident memory of the training process (step 0 is shared).", "",
             summary["markdown"], ""]
+    if args.joint:
+        joint_metrics = os.path.join(run_dir, f"{JOINT_NAME}_joint", "metrics.json")
+        summary["joint"] = joint_row(read_metrics_json(joint_metrics))
+        summary["joint_markdown"] = format_joint_table(summary["joint"], int(settings["STEPS"]))
+        text += [f"Joint upper bound ({settings['JOINT_ITERS']} iterations, step-0 settings):", "",
+                 summary["joint_markdown"], ""]
     if summary["checks"]:
         text += ["Checks:", "", "```", format_checks(summary["checks"]), "```", ""]
     text += [f"Wall time {_clock(wall)} ({wall:.0f} s), {threads} thread(s). Settings: " +
@@ -725,6 +767,8 @@ def main(argv=None) -> int:
 
     print("\nPQ per method and step (base / old / new / all) and training costs:\n")
     print(summary["markdown"])
+    if summary.get("joint_markdown"):
+        print("\n" + summary["joint_markdown"])
     if summary["checks"]:
         print("\nChecks" + (" (quick run: not meaningful)" if args.quick else "") + ":")
         print(format_checks(summary["checks"]))

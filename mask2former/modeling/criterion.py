@@ -19,6 +19,7 @@ that replaces the classification loss, and ``forward(..., extra_losses=fn)`` add
 ``fn(m, prediction)`` returns for prediction ``m`` (0 = final, ``i + 1`` = ``aux_outputs[i]``),
 with the same ``_i`` suffix as the other losses.
 """
+import contextlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,6 +35,7 @@ from detectron2.utils import comm
 
 __all__ = [
     "SetCriterion",
+    "fixed_num_masks",
     "sigmoid_focal_class_loss",
     "point_sigmoid_ce_loss",
     "point_dice_loss",
@@ -150,6 +152,31 @@ def weighted_total(
     return sum(weighted.values())
 
 
+# (value, expected local count) while fixed_num_masks is active, else None
+_FIXED_NUM_MASKS: Optional[Tuple[float, int]] = None
+
+
+@contextlib.contextmanager
+def fixed_num_masks(value: float, local_count: int):
+    """Within the block, :meth:`SetCriterion.get_num_masks` of every criterion of this process
+    returns ``value`` without communicating.
+
+    Used by gradient accumulation (:mod:`continual.accumulation`): the normaliser of every
+    micro-batch is the number of masks of the whole optimizer step (all micro-batches, all
+    processes) divided by the number of micro-batches times processes, computed before the first
+    forward. ``local_count`` is the number of targets the caller counted in the micro-batch; a
+    different count in the criterion (targets changed inside the model, e.g. pseudo-labels)
+    raises instead of silently using a wrong normaliser.
+    """
+    global _FIXED_NUM_MASKS
+    previous = _FIXED_NUM_MASKS
+    _FIXED_NUM_MASKS = (float(value), int(local_count))
+    try:
+        yield
+    finally:
+        _FIXED_NUM_MASKS = previous
+
+
 class SetCriterion(nn.Module):
     """
     Loss of a set of mask-classification predictions.
@@ -244,11 +271,23 @@ class SetCriterion(nn.Module):
     def get_num_masks(self, targets: List[Dict[str, torch.Tensor]], device) -> float:
         """
         Loss normaliser: number of targets in the batch, averaged over all processes
-        (so every process normalises by the same value), at least 1.
+        (so every process normalises by the same value), at least 1. Inside
+        :func:`fixed_num_masks`, the value given there.
         """
-        num_masks = torch.as_tensor(
-            [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float, device=device
-        )
+        local = sum(len(t["labels"]) for t in targets)
+        fixed = _FIXED_NUM_MASKS
+        if fixed is not None:
+            value, expected = fixed
+            if local != expected:
+                raise RuntimeError(
+                    f"gradient accumulation counted {expected} target masks in this micro-batch "
+                    f"before the forward pass, but the criterion received {local}: the model "
+                    "changes its targets (e.g. pseudo-labels), so the loss normaliser of the "
+                    "optimizer step cannot be known in advance. Train with "
+                    "SOLVER.ACCUMULATE_STEPS 1 (more processes or a larger per-device batch)."
+                )
+            return value
+        num_masks = torch.as_tensor([float(local)], dtype=torch.float, device=device)
         world_size = comm.get_world_size()
         if world_size > 1:
             dist.all_reduce(num_masks)
