@@ -41,6 +41,27 @@ def build_cfg(config_file=None, opts=()):
     return cfg
 
 
+@pytest.fixture
+def synthetic_data(tmp_path, monkeypatch):
+    """A small generated synthetic dataset under ``tmp_path``, the DETECTRON2_DATASETS of this test."""
+    from script_runner import generate_synthetic_root
+
+    generate_synthetic_root(tmp_path, num_train=8, num_val=2, seed=1)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    return tmp_path
+
+
+def check_results(results, format_failed, sections):
+    """Every check of a fixture run passed (the failed ones, formatted, are the message) and every
+    one of ``sections`` names some check; returns the checks' names, joined."""
+    failed = [r for r in results if not r.ok]
+    assert not failed, format_failed(failed)
+    names = " ".join(r.name for r in results)
+    for section in sections:
+        assert section in names, section
+    return names
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     import torch

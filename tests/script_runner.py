@@ -1,5 +1,6 @@
 """Running the scenario scripts (script/**/*.sh) on generated stand-ins of ADE20K and COCO in the
-official layouts, with the tiny model of tests/tiny_model_overrides.txt."""
+official layouts, with the tiny model of tests/tiny_model_overrides.txt; running train_continual.py
+(or another entry point) on the generated synthetic dataset and the tiny synthetic config."""
 import json
 import os
 import subprocess
@@ -11,6 +12,43 @@ OVERRIDES = next(
     line for line in (REPO / "tests" / "tiny_model_overrides.txt").read_text().splitlines()
     if line.strip() and not line.startswith("#")
 )
+
+
+SYNTHETIC_CONFIG = REPO / "configs" / "synthetic" / "maskformer2_R18_tiny.yaml"
+
+
+def generate_synthetic_root(root: Path, folder: str = "synthetic", num_train: int = 24, num_val: int = 4,
+                            size: int = 64, seed: int = 0) -> Path:
+    """A generated synthetic dataset in ``root / folder``; returns ``root`` (the DETECTRON2_DATASETS)."""
+    sys.path.insert(0, str(REPO / "datasets"))
+    from generate_synthetic import generate
+
+    generate(str(root / folder), num_train=num_train, num_val=num_val, size=size, seed=seed)
+    return root
+
+
+def dataset_env(data_root: Path, **extra) -> dict:
+    """The environment of a run on the datasets under ``data_root``, warnings off, plus ``extra``."""
+    env = dict(os.environ, DETECTRON2_DATASETS=str(data_root), PYTHONWARNINGS="ignore")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def train_command(out: Path, name: str, *opts, flags=(), config: Path = SYNTHETIC_CONFIG,
+                  entry: str = "train_continual.py") -> list:
+    """``entry`` (a path in the repository) on ``config``, writing under ``out``: the flags, then the
+    output, run name and results folder, then ``opts``."""
+    return [sys.executable, str(REPO / entry), "--config-file", str(config), *flags,
+            "OUTPUT_DIR", str(out), "NAME", name, "CONT.RESULTS_DIR", str(out / "results"), *opts]
+
+
+def run_command(cmd: list, env: dict, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """``cmd`` in the repository root, output captured; with ``check`` it must succeed (the ends of
+    its output are the failure message)."""
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, **kwargs)
+    if check:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
 
 
 def generate_official_layouts(root: Path) -> Path:

@@ -1,16 +1,12 @@
 """Gradient accumulation (SOLVER.ACCUMULATE_STEPS / SOLVER.MAX_IMS_PER_DEVICE): the plan, the
 loss normaliser, and one process reproducing the weights of a 2-process DDP run."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
+from script_runner import dataset_env, generate_synthetic_root, run_command, train_command
 
-CONFIG = REPO / "configs" / "synthetic" / "maskformer2_R18_tiny.yaml"
 # no random augmentation: 64x64 images, one scale, a crop of the whole image, no flip / colour
 DETERMINISTIC = ["INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.CROP.SIZE", "(64,64)",
                  "INPUT.SIZE_DIVISIBILITY", "64", "INPUT.COLOR_AUG_SSD", "False", "INPUT.RANDOM_FLIP", "none",
@@ -66,22 +62,13 @@ def test_fixed_normaliser_and_the_check_of_the_counted_masks():
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "datasets"))
-    from generate_synthetic import generate
-
-    root = tmp_path_factory.mktemp("d2data")
-    generate(str(root / "synthetic"), num_train=16, num_val=2, size=64, seed=0)
-    return root
+    return generate_synthetic_root(tmp_path_factory.mktemp("d2data"), num_train=16, num_val=2)
 
 
 def _train(data_root, out, name, processes, *opts):
-    cmd = [sys.executable, str(REPO / "tests" / "accumulation_worker.py"), "--config-file", str(CONFIG),
-           "--num-gpus", str(processes), "OUTPUT_DIR", str(out), "NAME", name,
-           "CONT.RESULTS_DIR", str(out / "results"), "SOLVER.MAX_ITER", "3", "SOLVER.BASE_LR", "0.001",
-           *DETERMINISTIC, *opts]
-    env = dict(os.environ, DETECTRON2_DATASETS=str(data_root), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    cmd = train_command(out, name, "SOLVER.MAX_ITER", "3", "SOLVER.BASE_LR", "0.001", *DETERMINISTIC, *opts,
+                        flags=["--num-gpus", str(processes)], entry="tests/accumulation_worker.py")
+    res = run_command(cmd, dataset_env(data_root, OMP_NUM_THREADS="1"))
     step = out / "syn-pan_6-2-ov" / name / "step0"
     final = torch.load(step / "model_final.pth", map_location="cpu", weights_only=True)
     weights = final["model"]

@@ -1,6 +1,5 @@
 """Bad input stops with a clear message, or is skipped when configured to; nothing is lost."""
 import logging
-import sys
 
 import numpy as np
 import pytest
@@ -9,16 +8,6 @@ import torch
 from conftest import REPO, build_cfg
 
 SYNTHETIC = REPO / "configs" / "synthetic" / "maskformer2_R18_tiny.yaml"
-
-
-@pytest.fixture
-def synthetic_data(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "datasets"))
-    from generate_synthetic import generate
-
-    generate(str(tmp_path / "synthetic"), num_train=8, num_val=2, size=64, seed=1)
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
-    return tmp_path
 
 
 def _truncate(path):

@@ -19,6 +19,7 @@ from continual.distillation import (DistillationStep, build_teacher, needs_teach
                                     teacher_config, uses_distillation)
 from mask2former.data.datasets.synthetic import render_sample, sample_to_model_input
 from mask2former.modeling.transformer_decoder.classifier import COSINE_SCALE, IncrementalClassifier
+from script_runner import dataset_env, generate_synthetic_root, run_command, train_command
 
 TINY = REPO / "configs" / "synthetic" / "maskformer2_R18_tiny.yaml"
 SMALL = ["MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256"]
@@ -272,28 +273,16 @@ TASK = "syn-pan_6-2-ov"
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "datasets"))
-    from generate_synthetic import generate
-
-    root = tmp_path_factory.mktemp("d2data")
-    generate(str(root / "synthetic"), num_train=24, num_val=4, size=64, seed=0)
-    return root
+    return generate_synthetic_root(tmp_path_factory.mktemp("d2data"))
 
 
 def _env(data_root, **extra):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(data_root), PYTHON=sys.executable, NUM_GPUS="1",
-               PYTHONWARNINGS="ignore")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return dataset_env(data_root, PYTHON=sys.executable, NUM_GPUS="1", **extra)
 
 
 def _train(data_root, out, name, *opts, resume=False):
-    cmd = [sys.executable, str(REPO / "train_continual.py"), "--config-file", str(TINY)]
-    cmd += ["--resume"] if resume else []
-    cmd += ["OUTPUT_DIR", str(out), "NAME", name, "CONT.RESULTS_DIR", str(out / "results"), *E2E_SMALL, *opts]
-    res = subprocess.run(cmd, env=_env(data_root), capture_output=True, text=True, cwd=REPO)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+    flags = ["--resume"] if resume else []
+    return run_command(train_command(out, name, *E2E_SMALL, *opts, flags=flags, config=TINY), _env(data_root))
 
 
 @pytest.mark.slow
@@ -334,9 +323,7 @@ def test_scenario_script_runs_comformer(data_root, tmp_path):
                               text=True, env=dict(env, PRINT_SETTINGS="1"))
     assert "CONT.NUM_PROMPTS 0" in settings.stdout and "CONT.DIST.UKD True" in settings.stdout
     assert "NAME=syn_6_2_comformer" in settings.stdout
-    res = subprocess.run(["bash", str(REPO / "script" / "synthetic" / "6_2.sh")], cwd=REPO, capture_output=True,
-                         text=True, env=env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_command(["bash", str(REPO / "script" / "synthetic" / "6_2.sh")], env)
     run = tmp_path / TASK / "syn_6_2_comformer"
     for step in (1, 2):
         assert (run / f"step{step}" / "model_final.pth").is_file()

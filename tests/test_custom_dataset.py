@@ -10,18 +10,14 @@ import pytest
 import yaml
 
 from conftest import REPO
+from script_runner import generate_synthetic_root
 
 EXAMPLE = REPO / "docs" / "custom_dataset" / "shapes.yaml"
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "datasets"))
-    from generate_synthetic import generate
-
-    root = tmp_path_factory.mktemp("d2data")
-    generate(str(root / "shapes"), num_train=6, num_val=2, size=32, seed=0)
-    return root
+    return generate_synthetic_root(tmp_path_factory.mktemp("d2data"), "shapes", num_train=6, num_val=2, size=32)
 
 
 def _description(tmp_path, data_root, name, edit=None, json_edit=None):

@@ -4,48 +4,34 @@ predictions, resume equivalence and protection of finished steps."""
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from conftest import REPO, build_cfg
+from script_runner import SYNTHETIC_CONFIG, dataset_env, generate_synthetic_root, run_command, train_command
 
 pytestmark = pytest.mark.slow
 
-CONFIG = REPO / "configs" / "synthetic" / "maskformer2_R18_tiny.yaml"
 SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256"]
 TASK = "syn-pan_6-2-ov"
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "datasets"))
-    from generate_synthetic import generate
-
-    root = tmp_path_factory.mktemp("d2data")
-    generate(str(root / "synthetic"), num_train=24, num_val=4, size=64, seed=0)
-    return root
+    return generate_synthetic_root(tmp_path_factory.mktemp("d2data"))
 
 
 def _env(data_root, **extra):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(data_root), PYTHON=sys.executable, NUM_GPUS="1",
-               PYTHONWARNINGS="ignore")
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return dataset_env(data_root, PYTHON=sys.executable, NUM_GPUS="1", **extra)
 
 
 def _train(data_root, out, name, *opts, check=True, resume=False, eval_only=False, processes=1):
-    cmd = [sys.executable, str(REPO / "train_continual.py"), "--config-file", str(CONFIG)]
-    cmd += ["--num-gpus", str(processes)] if processes > 1 else []
-    cmd += ["--resume"] if resume else []
-    cmd += ["--eval-only"] if eval_only else []
-    cmd += ["OUTPUT_DIR", str(out), "NAME", name, "CONT.RESULTS_DIR", str(out / "results"), *SMALL, *opts]
-    res = subprocess.run(cmd, env=_env(data_root), capture_output=True, text=True, cwd=REPO)
-    if check:
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+    flags = ["--num-gpus", str(processes)] if processes > 1 else []
+    flags += ["--resume"] if resume else []
+    flags += ["--eval-only"] if eval_only else []
+    return run_command(train_command(out, name, *SMALL, *opts, flags=flags), _env(data_root), check=check)
 
 
 def _step_opts(step):
@@ -62,11 +48,8 @@ def scenario_run(data_root, tmp_path_factory):
     """The synthetic scenario script, step 0 included, with a few iterations per step."""
     out = tmp_path_factory.mktemp("run")
     extra = " ".join(SMALL + ["CONT.RESULTS_DIR", str(out / "results")])
-    res = subprocess.run(
-        ["bash", str(REPO / "script" / "synthetic" / "6_2.sh")], cwd=REPO, capture_output=True, text=True,
-        env=_env(data_root, RUN_STEP0=1, OUTPUT_ROOT=out, STEP0_ITERS=6, ITERS=4, EXTRA_ARGS=extra),
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_command(["bash", str(REPO / "script" / "synthetic" / "6_2.sh")],
+                _env(data_root, RUN_STEP0=1, OUTPUT_ROOT=out, STEP0_ITERS=6, ITERS=4, EXTRA_ARGS=extra))
     return out, out / TASK / "syn_6_2"
 
 
@@ -102,7 +85,7 @@ def test_later_steps_leave_the_base_model_unchanged(scenario_run):
     models = {}
     for step, state in ((0, step0), (2, step2)):
         opts = SMALL + (_step_opts(step) if step else [])
-        model = build_model(build_cfg(CONFIG, opts))
+        model = build_model(build_cfg(SYNTHETIC_CONFIG, opts))
         model.load_state_dict(state, strict=False)
         models[step] = model.eval()
     torch.manual_seed(0)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import REPO, build_cfg
+from script_runner import dataset_env, generate_synthetic_root, run_command
 
 CONFIG = REPO / "configs" / "synthetic" / "maskformer2_R18_tiny.yaml"
 
@@ -61,24 +62,16 @@ def test_joint_rejects_continual_settings(opts, message):
 
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "datasets"))
-    from generate_synthetic import generate
-
-    root = tmp_path_factory.mktemp("d2data")
-    generate(str(root / "synthetic"), num_train=24, num_val=4, size=64, seed=0)
-    return root
+    return generate_synthetic_root(tmp_path_factory.mktemp("d2data"))
 
 
 @pytest.mark.slow
 def test_synthetic_script_trains_and_evaluates_the_joint_upper_bound(synthetic_root, tmp_path):
     extra = "INPUT.MIN_SIZE_TEST 64 INPUT.MAX_SIZE_TEST 64 MODEL.MASK_FORMER.TRAIN_NUM_POINTS 256 " \
             f"CONT.RESULTS_DIR {tmp_path / 'results'}"
-    env = dict(os.environ, DETECTRON2_DATASETS=str(synthetic_root), PYTHON=sys.executable, NUM_GPUS="1",
-               OUTPUT_ROOT=str(tmp_path), JOINT="1", JOINT_ITERS="4", EXTRA_ARGS=extra,
-               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    res = subprocess.run(["bash", str(REPO / "script" / "synthetic" / "6_2.sh")], cwd=REPO, env=env,
-                         capture_output=True, text=True)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    env = dataset_env(synthetic_root, PYTHON=sys.executable, NUM_GPUS="1", OUTPUT_ROOT=tmp_path, JOINT="1",
+                      JOINT_ITERS="4", EXTRA_ARGS=extra, OMP_NUM_THREADS="1")
+    res = run_command(["bash", str(REPO / "script" / "synthetic" / "6_2.sh")], env)
     assert "== joint upper bound: all 10 classes" in res.stdout
     run = tmp_path / "syn-pan_6-2-ov" / "syn_6_2_joint"
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["step0"]  # no continual step ran

@@ -4,7 +4,6 @@ resumed from is cleaned up, and incomplete backbones stop."""
 import hashlib
 import logging
 import pickle
-import sys
 
 import pytest
 import torch
@@ -13,16 +12,6 @@ from conftest import REPO, build_cfg
 
 SYNTHETIC = REPO / "configs" / "synthetic" / "maskformer2_R18_tiny.yaml"
 SMALL = ["MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64"]
-
-
-@pytest.fixture
-def synthetic_data(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO / "datasets"))
-    from generate_synthetic import generate
-
-    generate(str(tmp_path / "synthetic"), num_train=8, num_val=2, size=64, seed=1)
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
-    return tmp_path
 
 
 def _cfg(tmp_path, *opts):

@@ -4,17 +4,16 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from conftest import REPO
+from script_runner import dataset_env, generate_synthetic_root, run_command, train_command
 
 pytestmark = pytest.mark.slow
 
-CONFIG = REPO / "configs" / "synthetic" / "maskformer2_R18_tiny.yaml"
 SMALL = ["INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64", "MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256",
          "SOLVER.MAX_ITER", "2"]
 TASK = "syn-pan_6-2-ov"
@@ -22,29 +21,19 @@ TASK = "syn-pan_6-2-ov"
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    sys.path.insert(0, str(REPO / "datasets"))
-    from generate_synthetic import generate
-
-    root = tmp_path_factory.mktemp("d2data")
-    generate(str(root / "synthetic"), num_train=12, num_val=2, size=64, seed=0)
-    return root
+    return generate_synthetic_root(tmp_path_factory.mktemp("d2data"), num_train=12, num_val=2)
 
 
 def _cmd(out, name, *opts, flags=()):
-    return [sys.executable, str(REPO / "train_continual.py"), "--config-file", str(CONFIG), *flags,
-            "OUTPUT_DIR", str(out), "NAME", name, "CONT.RESULTS_DIR", str(out / "results"), *SMALL, *opts]
+    return train_command(out, name, *SMALL, *opts, flags=flags)
 
 
 def _env(data_root):
-    return dict(os.environ, DETECTRON2_DATASETS=str(data_root), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return dataset_env(data_root, OMP_NUM_THREADS="1")
 
 
 def _train(data_root, out, name, *opts, flags=(), check=True):
-    res = subprocess.run(_cmd(out, name, *opts, flags=flags), env=_env(data_root), capture_output=True, text=True,
-                         cwd=REPO, timeout=900)
-    if check:
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return res
+    return run_command(_cmd(out, name, *opts, flags=flags), _env(data_root), check=check, timeout=900)
 
 
 def _tree_sha(folder):
@@ -129,14 +118,10 @@ def test_a_killed_run_resumes_to_an_intact_final_checkpoint(trained, data_root):
 def test_flags_are_accepted_after_the_overrides(trained, data_root):
     out, step = trained
     # --eval-only after the overrides, and an integer for the float key CONT.DIST.KD_WEIGHT
-    res = subprocess.run(_cmd(out, "base", "CONT.WEIGHTS", str(step / "model_final.pth"), "CONT.DIST.KD_WEIGHT",
-                              "10") + ["--eval-only"],
-                         env=_env(data_root), capture_output=True, text=True, cwd=REPO, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run_command(_cmd(out, "base", "CONT.WEIGHTS", str(step / "model_final.pth"), "CONT.DIST.KD_WEIGHT", "10")
+                + ["--eval-only"], _env(data_root), timeout=900)
     assert (step / "eval_only" / "eval_results.json").is_file()
-    res = subprocess.run(_cmd(out, "base") + ["--resume"], env=_env(data_root), capture_output=True, text=True,
-                         cwd=REPO, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = run_command(_cmd(out, "base") + ["--resume"], _env(data_root), timeout=900)
     assert "resumed step 0" in res.stdout + res.stderr
 
 
