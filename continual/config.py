@@ -7,13 +7,12 @@ defines for the network. Keys and defaults are those of the official ECLIPSE imp
 official command lines are accepted unchanged.
 """
 import argparse
-import contextlib
+import ast
 import difflib
 import os
 import sys
 from typing import Optional, Sequence
 
-import yacs.config
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -128,22 +127,71 @@ def _all_keys(node: CN, prefix: str = ""):
             yield full
 
 
-@contextlib.contextmanager
-def _int_accepted_for_float():
-    """While merging, an integer given for a float key (``CONT.DIST.KD_WEIGHT 10``) becomes that
-    float; yacs refuses it otherwise. Every other type mismatch is still refused."""
-    check = yacs.config._check_and_coerce_cfg_value_type
+def _literal(value):
+    """A value as yacs reads it: a string that is a Python literal becomes that literal."""
+    if isinstance(value, str):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+    return value
 
-    def coerce(replacement, original, key, full_key):
-        if isinstance(original, float) and isinstance(replacement, int) and not isinstance(replacement, bool):
-            return float(replacement)
-        return check(replacement, original, key, full_key)
 
-    yacs.config._check_and_coerce_cfg_value_type = coerce
-    try:
-        yield
-    finally:
-        yacs.config._check_and_coerce_cfg_value_type = check
+def _as_float_if_int(value, current):
+    """``value`` (an integer given for the float key whose value is ``current``) as that float;
+    any other value unchanged (yacs checks it)."""
+    literal = _literal(value)
+    if isinstance(current, float) and isinstance(literal, int) and not isinstance(literal, bool):
+        return float(literal)
+    return value
+
+
+def _lookup(cfg: CN, full_key: str):
+    """The value of the dotted key ``full_key`` in ``cfg``; None where it does not exist."""
+    node = cfg
+    for part in full_key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _ints_to_floats(loaded: dict, node: CN) -> dict:
+    """The loaded config file ``loaded`` with an integer given for a float key of ``node`` as that
+    float (nested sections too); everything else is left to yacs's checks."""
+    out = {}
+    for key, value in loaded.items():
+        current = node.get(key) if isinstance(node, CN) else None
+        if isinstance(value, dict):
+            out[key] = _ints_to_floats(value, current)
+        else:
+            out[key] = _as_float_if_int(value, current)
+    return out
+
+
+def _merge_file(cfg: CN, config_file: str) -> None:
+    """``cfg.merge_from_file`` (``_BASE_`` files included) with an integer accepted for a float key."""
+    from detectron2.config.compat import guess_version
+    from detectron2.utils.file_io import PathManager
+
+    if not PathManager.isfile(config_file):
+        cfg.merge_from_file(config_file)  # stops with detectron2's message
+    loaded = type(cfg)(_ints_to_floats(cfg.load_yaml_with_base(config_file, allow_unsafe=True), cfg))
+    version = loaded.get("VERSION", None)
+    if version is None:
+        version = guess_version(loaded, config_file)
+    if version != cfg.VERSION:
+        cfg.merge_from_file(config_file)  # an old config version: detectron2's upgrade path
+        return
+    cfg.merge_from_other_cfg(loaded)
+
+
+def _merge_list(cfg: CN, opts) -> None:
+    """``cfg.merge_from_list`` with an integer accepted for a float key."""
+    opts = list(opts)
+    if len(opts) % 2 == 0:  # an odd list is refused by yacs, with its message
+        opts[1::2] = [_as_float_if_int(value, _lookup(cfg, key)) for key, value in zip(opts[0::2], opts[1::2])]
+    cfg.merge_from_list(opts)
 
 
 def merge_config(cfg: CN, config_file: Optional[str], opts) -> CN:
@@ -153,13 +201,12 @@ def merge_config(cfg: CN, config_file: Optional[str], opts) -> CN:
     An unknown key stops with a ``KeyError`` that names the key, where it came from and the
     closest known keys (yacs only says "Non-existent key"). An integer is accepted for a float key.
     """
-    steps = [("the command line", lambda: cfg.merge_from_list(list(opts)))]
+    steps = [("the command line", lambda: _merge_list(cfg, opts))]
     if config_file is not None:
-        steps.insert(0, (config_file, lambda: cfg.merge_from_file(config_file)))
+        steps.insert(0, (config_file, lambda: _merge_file(cfg, config_file)))
     for source, merge in steps:
         try:
-            with _int_accepted_for_float():
-                merge()
+            merge()
         except (AssertionError, KeyError) as e:
             text = str(e).strip("'\"")
             if not text.startswith("Non-existent"):

@@ -193,6 +193,23 @@ def test_an_int_is_accepted_for_a_float_key():
         merge_config(build_cfg(), str(SYNTHETIC), ["CONT.TASK", "1.5"])
 
 
+def test_an_int_is_accepted_for_a_float_key_in_a_config_file(tmp_path):
+    from continual.config import merge_config
+
+    config = tmp_path / "int_for_float.yaml"
+    config.write_text(f"_BASE_: {SYNTHETIC}\nSOLVER:\n  BASE_LR: 1\nCONT:\n  DIST:\n    KD_WEIGHT: 10\n")
+    cfg = merge_config(build_cfg(), str(config), [])
+    assert cfg.CONT.DIST.KD_WEIGHT == 10.0 and isinstance(cfg.CONT.DIST.KD_WEIGHT, float)
+    assert cfg.SOLVER.BASE_LR == 1.0 and isinstance(cfg.SOLVER.BASE_LR, float)
+    assert cfg.MODEL.META_ARCHITECTURE == build_cfg(SYNTHETIC).MODEL.META_ARCHITECTURE  # the _BASE_ file merged
+    config.write_text(f"_BASE_: {SYNTHETIC}\nCONT:\n  TASK: 1.5\n")
+    with pytest.raises(ValueError):  # other type mismatches are still refused
+        merge_config(build_cfg(), str(config), [])
+    config.write_text(f"_BASE_: {SYNTHETIC}\nCONT:\n  NOT_A_KEY: 1\n")
+    with pytest.raises(KeyError, match="unknown config key CONT.NOT_A_KEY"):
+        merge_config(build_cfg(), str(config), [])
+
+
 def test_broken_official_class_loss_combination_is_refused():
     from mask2former.maskformer_model import build_criterion
 
