@@ -31,12 +31,23 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_inference import REPO, build_cfg  # noqa: E402
+from benchmark_inference import REPO, build_cfg  # noqa: E402  (puts the repository on sys.path)
 from benchmark_training import TRAIN_KEYS  # noqa: E402
+
+import torch  # noqa: E402
+from detectron2.structures import Instances  # noqa: E402
+
+import mask2former  # noqa: E402,F401  (registers the model)
+from continual.trainer import IncrementalTrainer  # noqa: E402
+from mask2former.modeling.pixel_decoder.ms_deform_attn import (  # noqa: E402
+    available_ms_deform_attn_impls,
+    ms_deform_attn,
+    ms_deform_attn_core_pytorch,
+    set_ms_deform_attn_impl,
+)
 
 
 def _cuda_timed(fn, warmup, runs):
-    import torch
 
     for _ in range(warmup):
         fn()
@@ -51,7 +62,6 @@ def _cuda_timed(fn, warmup, runs):
 
 
 def _peak(fn):
-    import torch
 
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -62,7 +72,6 @@ def _peak(fn):
 
 
 def op_inputs(image_size, batch=2, heads=8, head_dim=32, points=4, queries=None, seed=0):
-    import torch
 
     shapes = torch.tensor([[image_size // s, image_size // s] for s in (8, 16, 32)], device="cuda")
     sizes = shapes[:, 0] * shapes[:, 1]
@@ -77,10 +86,6 @@ def op_inputs(image_size, batch=2, heads=8, head_dim=32, points=4, queries=None,
 
 
 def bench_op(impl, args):
-    import torch
-
-    from mask2former.modeling.pixel_decoder.ms_deform_attn import ms_deform_attn, ms_deform_attn_core_pytorch
-
     value, shapes, starts, loc, weights = op_inputs(args.image_size)
     reference = ms_deform_attn_core_pytorch(value, shapes, loc, weights)
     out = ms_deform_attn(value, shapes, starts, loc, weights, impl=impl)
@@ -104,11 +109,6 @@ def bench_op(impl, args):
 
 
 def _model_and_batch(size, image_size, batch, train):
-    import torch
-    from detectron2.structures import Instances
-
-    from continual.trainer import IncrementalTrainer
-
     torch.manual_seed(0)
     cfg = build_cfg(size, 0)
     cfg.merge_from_list(TRAIN_KEYS + ["MODEL.DEVICE", "cuda"])
@@ -130,10 +130,6 @@ def _model_and_batch(size, image_size, batch, train):
 
 
 def bench_inference(impl, size, args):
-    import torch
-
-    from mask2former.modeling.pixel_decoder.ms_deform_attn import set_ms_deform_attn_impl
-
     set_ms_deform_attn_impl(impl)
     _, model, inputs = _model_and_batch(size, args.image_size, 1, train=False)
 
@@ -147,9 +143,6 @@ def bench_inference(impl, size, args):
 
 
 def bench_training(impl, size, args):
-    from continual.trainer import IncrementalTrainer
-    from mask2former.modeling.pixel_decoder.ms_deform_attn import set_ms_deform_attn_impl
-
     set_ms_deform_attn_impl(impl)
     cfg, model, inputs = _model_and_batch(size, args.image_size, args.batch, train=True)
     optimizer = IncrementalTrainer.build_optimizer(cfg, model)
@@ -175,15 +168,9 @@ def main(argv=None):
     parser.add_argument("--output", default=str(REPO / "output" / "benchmark_gpu.md"))
     args = parser.parse_args(argv)
 
-    import torch
-
     if not torch.cuda.is_available():
         raise SystemExit("tools/benchmark_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); "
                          "the CPU benchmarks are tools/benchmark_inference.py and tools/benchmark_training.py")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import mask2former  # noqa: F401  (registers the model)
-    from mask2former.modeling.pixel_decoder.ms_deform_attn import available_ms_deform_attn_impls
 
     available = available_ms_deform_attn_impls()
     impls = ["pytorch"] + [name for name in ("triton", "cuda_ext") if available.get(name) is None]
