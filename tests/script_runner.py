@@ -34,6 +34,11 @@ def dataset_env(data_root: Path, **extra) -> dict:
     return env
 
 
+def script_env(data_root: Path, **extra) -> dict:
+    """:func:`dataset_env` for a scenario script (or train_continual.py) run with this Python on one GPU."""
+    return dataset_env(data_root, PYTHON=sys.executable, NUM_GPUS="1", **extra)
+
+
 def train_command(out: Path, name: str, *opts, flags=(), config: Path = SYNTHETIC_CONFIG,
                   entry: str = "train_continual.py") -> list:
     """``entry`` (a path in the repository) on ``config``, writing under ``out``: the flags, then the

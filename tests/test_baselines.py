@@ -19,7 +19,7 @@ from continual.distillation import (DistillationStep, build_teacher, needs_teach
                                     teacher_config, uses_distillation)
 from mask2former.data.datasets.synthetic import render_sample, sample_to_model_input
 from mask2former.modeling.transformer_decoder.classifier import COSINE_SCALE, IncrementalClassifier
-from script_runner import dataset_env, generate_synthetic_root, run_command, train_command
+from script_runner import generate_synthetic_root, run_command, script_env, train_command
 
 TINY = REPO / "configs" / "synthetic" / "maskformer2_R18_tiny.yaml"
 SMALL = ["MODEL.MASK_FORMER.TRAIN_NUM_POINTS", "256"]
@@ -276,13 +276,9 @@ def data_root(tmp_path_factory):
     return generate_synthetic_root(tmp_path_factory.mktemp("d2data"))
 
 
-def _env(data_root, **extra):
-    return dataset_env(data_root, PYTHON=sys.executable, NUM_GPUS="1", **extra)
-
-
 def _train(data_root, out, name, *opts, resume=False):
     flags = ["--resume"] if resume else []
-    return run_command(train_command(out, name, *E2E_SMALL, *opts, flags=flags, config=TINY), _env(data_root))
+    return run_command(train_command(out, name, *E2E_SMALL, *opts, flags=flags, config=TINY), script_env(data_root))
 
 
 @pytest.mark.slow
@@ -317,7 +313,7 @@ def test_scenario_script_runs_comformer(data_root, tmp_path):
     _train(data_root, tmp_path, "base", "SOLVER.MAX_ITER", "3")
     step0 = tmp_path / TASK / "base" / "step0" / "model_final.pth"
     extra = " ".join(E2E_SMALL + ["CONT.RESULTS_DIR", str(tmp_path / "results")])
-    env = _env(data_root, METHOD="comformer", RUN_STEP0=0, STEP0_WEIGHTS=step0, OUTPUT_ROOT=tmp_path,
+    env = script_env(data_root, METHOD="comformer", RUN_STEP0=0, STEP0_WEIGHTS=step0, OUTPUT_ROOT=tmp_path,
                BASELINE_ITERS=2, EXTRA_ARGS=extra)
     settings = subprocess.run(["bash", str(REPO / "script" / "synthetic" / "6_2.sh")], cwd=REPO, capture_output=True,
                               text=True, env=dict(env, PRINT_SETTINGS="1"))

@@ -4,13 +4,12 @@ predictions, resume equivalence and protection of finished steps."""
 import hashlib
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 from conftest import REPO, build_cfg
-from script_runner import SYNTHETIC_CONFIG, dataset_env, generate_synthetic_root, run_command, train_command
+from script_runner import SYNTHETIC_CONFIG, generate_synthetic_root, run_command, script_env, train_command
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +22,11 @@ def data_root(tmp_path_factory):
     return generate_synthetic_root(tmp_path_factory.mktemp("d2data"))
 
 
-def _env(data_root, **extra):
-    return dataset_env(data_root, PYTHON=sys.executable, NUM_GPUS="1", **extra)
-
-
 def _train(data_root, out, name, *opts, check=True, resume=False, eval_only=False, processes=1):
     flags = ["--num-gpus", str(processes)] if processes > 1 else []
     flags += ["--resume"] if resume else []
     flags += ["--eval-only"] if eval_only else []
-    return run_command(train_command(out, name, *SMALL, *opts, flags=flags), _env(data_root), check=check)
+    return run_command(train_command(out, name, *SMALL, *opts, flags=flags), script_env(data_root), check=check)
 
 
 def _step_opts(step):
@@ -49,7 +44,7 @@ def scenario_run(data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     extra = " ".join(SMALL + ["CONT.RESULTS_DIR", str(out / "results")])
     run_command(["bash", str(REPO / "script" / "synthetic" / "6_2.sh")],
-                _env(data_root, RUN_STEP0=1, OUTPUT_ROOT=out, STEP0_ITERS=6, ITERS=4, EXTRA_ARGS=extra))
+                script_env(data_root, RUN_STEP0=1, OUTPUT_ROOT=out, STEP0_ITERS=6, ITERS=4, EXTRA_ARGS=extra))
     return out, out / TASK / "syn_6_2"
 
 
