@@ -12,6 +12,7 @@
   atomic writes (temporary file in the same folder, flush, fsync, rename), so a process killed
   while saving leaves the previous file intact and never a truncated one.
 """
+import importlib
 import io
 import logging
 import os
@@ -68,8 +69,6 @@ def _trusted() -> bool:
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) in _PKL_ALLOWED:
-            import importlib
-
             return getattr(importlib.import_module(module), name)
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 

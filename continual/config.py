@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
+from detectron2.config.compat import guess_version
+from detectron2.utils.file_io import PathManager
 
 from mask2former.config import add_maskformer2_config
 from mask2former.data.datasets.register_custom import register_custom_dataset
@@ -171,9 +173,6 @@ def _ints_to_floats(loaded: dict, node: CN) -> dict:
 
 def _merge_file(cfg: CN, config_file: str) -> None:
     """``cfg.merge_from_file`` (``_BASE_`` files included) with an integer accepted for a float key."""
-    from detectron2.config.compat import guess_version
-    from detectron2.utils.file_io import PathManager
-
     if not PathManager.isfile(config_file):
         cfg.merge_from_file(config_file)  # stops with detectron2's message
     loaded = type(cfg)(_ints_to_floats(cfg.load_yaml_with_base(config_file, allow_unsafe=True), cfg))
