@@ -216,8 +216,8 @@ def test_pixel_decoder_uses_embedding_bag_only_without_gradients(monkeypatch):
     pixel_decoder = model.sem_seg_head.pixel_decoder.eval()
     feats = _load(str(fixture), "backbone_features.pt")["infer"]
     calls = []
-    original = msdeformattn.deform_attn_cpu
-    monkeypatch.setattr(msdeformattn, "deform_attn_cpu", lambda *a: calls.append(1) or original(*a))
+    original = msdeformattn._sample_bags
+    monkeypatch.setattr(msdeformattn, "_sample_bags", lambda *a: calls.append(1) or original(*a))
     with torch.no_grad():
         fast = pixel_decoder.forward_features(feats)[0]
     assert len(calls) == len(pixel_decoder.transformer.encoder.layers)
@@ -246,8 +246,8 @@ def test_cpu_fast_path_only_for_the_pytorch_implementation(monkeypatch):
     pixel_decoder = model.sem_seg_head.pixel_decoder.eval()
     feats = _load(str(fixture), "backbone_features.pt")["infer"]
     calls = []
-    original = msdeformattn.deform_attn_cpu
-    monkeypatch.setattr(msdeformattn, "deform_attn_cpu", lambda *a: calls.append(1) or original(*a))
+    original = msdeformattn._sample_bags
+    monkeypatch.setattr(msdeformattn, "_sample_bags", lambda *a: calls.append(1) or original(*a))
     monkeypatch.setenv(ENV_VAR, "pytorch")
     with torch.no_grad():
         pixel_decoder.forward_features(feats)

@@ -44,9 +44,9 @@ def deform_attn_cpu(
     Same contract and result (up to float summation order) as
     :func:`.ms_deform_attn.ms_deform_attn_core_pytorch`: bilinear sampling with
     ``align_corners=False`` and zero padding, weighted by ``attention_weights``. Every output
-    vector ``[b, q, m]`` is a weighted sum of ``L * P * 4`` rows of the value (the four
+    vector ``[b, q, m]`` is a weighted sum of ``4 * L * P`` rows of the value (the four
     bilinear corners of every sampling point), which ``F.embedding_bag`` computes directly on
-    the ``[B*M*S, Dh]`` value table, without the per-level ``grid_sample`` on a channel-major
+    the ``[B*S*M, Dh]`` value table, without the per-level ``grid_sample`` on a channel-major
     copy of the value, the concatenation of the samples and the weighting product. Corners
     outside the map get weight 0. Differentiable with respect to the value, the locations and
     the weights.
@@ -59,72 +59,108 @@ def deform_attn_cpu(
     Returns:
         ``[B, Lq, M * Dh]``.
     """
+    loc = sampling_locations.permute(5, 0, 2, 3, 4, 1).contiguous()  # [2, B, M, L, P, Lq]
+    return _sample_bags(value, spatial_shapes, loc[0], loc[1], attention_weights.permute(0, 2, 3, 4, 1).contiguous())
+
+
+def _sample_bags(
+    value: Tensor, spatial_shapes: Tensor, loc_x: Tensor, loc_y: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """The core of :func:`deform_attn_cpu`, on query-minor inputs.
+
+    ``loc_x``, ``loc_y`` (normalised sampling locations) and ``attention_weights`` are
+    ``[B, M, L, P, Lq]``: the query axis last and contiguous, so that every element-wise step
+    below runs over long contiguous rows with per-level constants broadcast over them (the
+    query-major layout ``[B, Lq, M, L, P]`` broadcasts over rows of 4 and 12 elements, which
+    costs several times more). The bilinear corners are written, once, into the bag layout
+    ``[B, Lq, M, 4, L, P]`` that ``embedding_bag`` reads. The value is read in its own layout
+    ``[B, S, M, Dh]`` (row ``(b * S + s) * M + m``), without a copy.
+    """
     batch, num_values, heads, head_dim = value.shape
-    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    _, _, num_levels, num_points, num_queries = loc_x.shape
     shapes = spatial_shapes.to(device=value.device, dtype=torch.long)
-    heights, widths = shapes[:, 0], shapes[:, 1]
-    starts = torch.cat((heights.new_zeros(1), (heights * widths).cumsum(0)[:-1]))
-    # row offset of (b, m) in the table: (b * M + m) * S
-    table = value.transpose(1, 2).reshape(batch * heads * num_values, head_dim)
-    # The corner axis (2: left/right column or top/bottom row) goes before the level axis so
-    # that the broadcast products below run over contiguous L*P blocks.
-    w_l, h_l = widths.view(1, 1, 1, 1, -1, 1), heights.view(1, 1, 1, 1, -1, 1)
-    corner = torch.arange(2, device=value.device).view(2, 1, 1)
+    # int32 row numbers halve the index traffic; int64 only for tables beyond its range
+    index_dtype = torch.int32 if batch * num_values * heads < 2**31 - 1 else torch.long
+    level = (1, 1, num_levels, 1, 1)
+    heights, widths = shapes[:, 0].to(index_dtype).view(level), shapes[:, 1].to(index_dtype).view(level)
+    starts = torch.cat((shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1])).to(index_dtype)
     # pixel coordinates, pixel centres at integers (align_corners=False)
-    x = sampling_locations[..., 0] * widths.to(sampling_locations.dtype).view(-1, 1) - 0.5
-    y = sampling_locations[..., 1] * heights.to(sampling_locations.dtype).view(-1, 1) - 0.5
+    x = loc_x * widths.to(loc_x.dtype) - 0.5
+    y = loc_y * heights.to(loc_y.dtype) - 0.5
     x0, y0 = x.floor(), y.floor()
-    fx, fy = (x - x0).unsqueeze(3), (y - y0).unsqueeze(3)
-    xs = x0.long().unsqueeze(3) + corner  # [B, Lq, M, 2, L, P]: left, right column
-    ys = y0.long().unsqueeze(3) + corner  # top, bottom row
-    # bilinear weight of each column / row, zero outside the map (zero padding)
-    wx = torch.cat((1 - fx, fx), dim=3) * ((xs >= 0) & (xs < w_l))
-    wy = torch.cat((1 - fy, fy), dim=3) * ((ys >= 0) & (ys < h_l))
-    # row of (b, m, level, y) in the table: (b * M + m) * S + start_l + y * W_l; any row inside
-    # the map serves for a corner of weight zero
-    base = (torch.arange(batch * heads, device=value.device) * num_values).view(batch, 1, heads, 1, 1, 1)
-    rows = (base + starts.view(1, 1, 1, 1, -1, 1)) + torch.minimum(ys.clamp(min=0), h_l - 1) * w_l
-    cols = torch.minimum(xs.clamp(min=0), w_l - 1)
-    # one bag of 4 * L * P rows per (b, q, m)
-    bag = num_levels * num_points * 4
-    indices = (rows.unsqueeze(4) + cols.unsqueeze(3)).view(-1, bag)
-    weights = ((attention_weights.unsqueeze(3) * wy).unsqueeze(4) * wx.unsqueeze(3)).view(-1, bag)
-    out = F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+    fx, fy = x - x0, y - y0
+    ix, iy = x0.to(index_dtype), y0.to(index_dtype)
+    # weight of each column / row (the attention weight folded into the rows), zero outside the
+    # map (zero padding); a corner of weight zero may read any row, so indices are clamped
+    wx0 = (1 - fx) * ((ix >= 0) & (ix < widths))
+    wx1 = fx * ((ix >= -1) & (ix < widths - 1))
+    wy0 = (1 - fy) * attention_weights * ((iy >= 0) & (iy < heights))
+    wy1 = fy * attention_weights * ((iy >= -1) & (iy < heights - 1))
+    col0 = torch.minimum(ix.clamp(min=0), widths - 1) * heads
+    col1 = torch.minimum((ix + 1).clamp(min=0), widths - 1) * heads
+    # row of (b, level, y, m) in the value table: (b * S + start_l + y * W_l) * M + m
+    base = (torch.arange(batch, dtype=index_dtype, device=value.device).view(batch, 1, 1) * num_values
+            + starts.view(1, 1, num_levels)) * heads + torch.arange(heads, dtype=index_dtype, device=value.device).view(1, heads, 1)
+    base = base.view(batch, heads, num_levels, 1, 1)
+    row_step = widths * heads
+    row0 = base + torch.minimum(iy.clamp(min=0), heights - 1) * row_step
+    row1 = base + torch.minimum((iy + 1).clamp(min=0), heights - 1) * row_step
+    to_bags = (0, 4, 1, 2, 3)  # [B, M, L, P, Lq] -> [B, Lq, M, L, P]
+    corners = ((row0, col0, wy0, wx0), (row0, col1, wy0, wx1), (row1, col0, wy1, wx0), (row1, col1, wy1, wx1))
+    bag_shape = (batch, num_queries, heads, 4, num_levels, num_points)
+    indices = torch.empty(bag_shape, dtype=index_dtype, device=value.device)
+    weights = torch.empty(bag_shape, dtype=wx0.dtype, device=value.device)
+    for corner, (row, col, wy, wx) in enumerate(corners):  # one transposing copy per corner
+        indices[:, :, :, corner] = (row + col).permute(to_bags)
+        weights[:, :, :, corner] = (wy * wx).permute(to_bags)
+    bag = 4 * num_levels * num_points
+    out = F.embedding_bag(indices.view(-1, bag), value.reshape(-1, head_dim),
+                          per_sample_weights=weights.view(-1, bag), mode="sum")
     return out.view(batch, num_queries, heads * head_dim)
 
 
 def _deformable_attention(attn: MSDeformAttn, query: Tensor, reference_points: Tensor, src: Tensor,
                           spatial_shapes: Tensor, level_start_index: Tensor,
                           padding_mask: Optional[Tensor]) -> Tensor:
-    """``attn(query, reference_points, src, ...)``, with :func:`deform_attn_cpu` as the sampling
+    """``attn(query, reference_points, src, ...)``, with :func:`_sample_bags` as the sampling
     core for CPU tensors when no gradient is needed (inference, a frozen pixel decoder) and the
     selected implementation is ``pytorch`` (what ``auto`` picks on CPU); the module's own
     forward, unchanged, everywhere else (so an explicitly selected kernel runs, or refuses CPU
     inputs, as :func:`.ms_deform_attn.ms_deform_attn` decides). ``embedding_bag``'s backward (a
     sort of every index) is slower on CPU than ``grid_sample``'s, so a trainable pixel decoder
-    keeps the ``grid_sample`` core."""
+    keeps the ``grid_sample`` core.
+
+    The sampling offsets and attention logits are computed query-minor (``W @ query^T``, one
+    matrix product for both), the layout :func:`_sample_bags` works in; the softmax runs over
+    the ``L * P`` axis of that layout.
+    """
     needs_grad = torch.is_grad_enabled() and (
         query.requires_grad or src.requires_grad or any(p.requires_grad for p in attn.parameters())
     )
     if src.device.type != "cpu" or needs_grad or resolve_ms_deform_attn_impl(src.device) != "pytorch":
         return attn(query, reference_points, src, spatial_shapes, level_start_index, padding_mask)
     batch, num_queries, _ = query.shape
+    heads, levels, points = attn.n_heads, attn.n_levels, attn.n_points
     value = attn.value_proj(src)
     # at least fp32 sampling locations and sampling, also under bfloat16 autocast
     work = torch.promote_types(value.dtype, torch.float32)
     if padding_mask is not None:
         value = value.masked_fill(padding_mask[..., None], 0.0)
-    value = value.view(batch, src.shape[1], attn.n_heads, attn.d_model // attn.n_heads)
-    offsets = attn.sampling_offsets(query).to(work).view(
-        batch, num_queries, attn.n_heads, attn.n_levels, attn.n_points, 2
-    )
-    weights = attn.attention_weights(query).view(batch, num_queries, attn.n_heads, attn.n_levels * attn.n_points)
-    weights = weights.to(work).softmax(dim=-1).view(batch, num_queries, attn.n_heads, attn.n_levels, attn.n_points)
-    offset_normalizer = spatial_shapes.flip(-1).to(offsets.dtype)  # (W, H) per level
-    sampling_locations = (
-        reference_points[:, :, None, :, None, :] + offsets / offset_normalizer[None, None, None, :, None, :]
-    )
-    sampled = deform_attn_cpu(value.to(work), spatial_shapes, sampling_locations.to(work), weights)
+    value = value.view(batch, src.shape[1], heads, attn.d_model // heads).to(work)
+    # [B, M*L*P*2 + M*L*P, Lq]: offsets (x, y) then attention logits, queries last
+    weight = torch.cat((attn.sampling_offsets.weight, attn.attention_weights.weight))
+    bias = torch.cat((attn.sampling_offsets.bias, attn.attention_weights.bias))
+    projected = torch.matmul(weight, query.transpose(1, 2)).add_(bias[:, None]).to(work)
+    num_offsets = heads * levels * points * 2
+    offsets = projected[:, :num_offsets].view(batch, heads, levels, points, 2, num_queries)
+    weights = projected[:, num_offsets:].view(batch, heads, levels * points, num_queries).softmax(dim=2)
+    # locations = reference + offset / (W, H) of the level, as in MSDeformAttn.forward
+    ref = reference_points.to(work).permute(0, 2, 3, 1)  # [B, L, 2, Lq]
+    widths = spatial_shapes[:, 1].to(work).view(1, 1, levels, 1, 1)
+    heights = spatial_shapes[:, 0].to(work).view(1, 1, levels, 1, 1)
+    loc_x = ref[:, None, :, None, 0] + offsets[:, :, :, :, 0] / widths
+    loc_y = ref[:, None, :, None, 1] + offsets[:, :, :, :, 1] / heights
+    sampled = _sample_bags(value, spatial_shapes, loc_x, loc_y, weights.view(batch, heads, levels, points, num_queries))
     return attn.output_proj(sampled)
 
 

@@ -333,9 +333,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             raise ValueError(f"expected {self.num_feature_levels} feature levels, got {len(x)}")
         memories = []
         for i, feat in enumerate(x):
-            pos = self.pe_layer(feat, None).flatten(2).permute(2, 0, 1)
+            # contiguous [HW, B, C]: the key/value projections of every layer then run as one
+            # matrix product; on the permuted view of a batch of 2 or more, torch.matmul
+            # falls back to HW small batched products against an expanded weight
+            pos = self.pe_layer(feat, None).flatten(2).permute(2, 0, 1).contiguous()
             src = self.input_proj[i](feat).flatten(2) + self.level_embed.weight[i][None, :, None]
-            memories.append((src.permute(2, 0, 1), pos, tuple(feat.shape[-2:])))
+            memories.append((src.permute(2, 0, 1).contiguous(), pos, tuple(feat.shape[-2:])))
         return memories
 
     def _decode(
