@@ -257,3 +257,88 @@ def test_cpu_fast_path_only_for_the_pytorch_implementation(monkeypatch):
     with torch.no_grad(), pytest.raises(ValueError, match="cuda_ext"):
         pixel_decoder.forward_features(feats)
     assert not calls
+
+
+# --------------------------------------------------------------------------------------------
+# decoder and post-processing helpers of the second round
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [(16, 12), (8, 6), (4, 3), (32, 6), (16, 24), (11, 12), (32, 24)])
+def test_resize_bilinear_equals_interpolate(size):
+    """Integer shrink factors (odd, even, mixed, 1) by slicing; other sizes by F.interpolate."""
+    from mask2former.modeling.transformer_decoder.layers import resize_bilinear
+
+    x = torch.randn(2, 5, 32, 24, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ref = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    out = resize_bilinear(x, size)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    grad = torch.randn(ref.shape)
+    torch.testing.assert_close(torch.autograd.grad(out, x, grad)[0], torch.autograd.grad(ref, x, grad)[0],
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_stacked_mlps_equal_per_group_mlps():
+    from mask2former.modeling.transformer_decoder.layers import MLP, StackedMLPs
+
+    torch.manual_seed(0)
+    mlps = [MLP(8, 8, 6, 3) for _ in range(4)]
+    x = torch.randn(2, 4 * 5, 8)
+    ref = torch.cat([m(c) for m, c in zip(mlps, x.split(5, dim=1))], dim=1)
+    torch.testing.assert_close(StackedMLPs(mlps, 5)(x), ref, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="groups"):
+        StackedMLPs(mlps, 4)(x)
+
+
+@pytest.mark.parametrize("mask_mlp", [True, False])
+def test_inference_with_stacked_prompt_heads_equals_per_group_heads(mask_mlp):
+    """A step-3 model with per-step prompt mask heads (stacked: 2 heads) or the shared base
+    head (1 head over all queries): inference gives the outputs of one call per group."""
+    decoder = make_decoder(step=3, mask_mlp=mask_mlp).eval()
+    x, mask_features = make_inputs()
+    with torch.no_grad():
+        heads, _ = decoder._inference_mask_heads(decoder.query_group_sizes)
+        assert len(heads) == (2 if mask_mlp else 1)
+        fast = decoder(x, mask_features)
+        decoder._inference_mask_heads = lambda sizes: (decoder._mask_heads(), sizes)
+        ref = decoder(x, mask_features)
+    for key in ("pred_logits", "pred_masks"):
+        torch.testing.assert_close(fast[key], ref[key], atol=1e-5, rtol=1e-5)
+
+
+def test_instance_masks_and_scores_equal_the_straightforward_computation():
+    from mask2former.modeling.postprocessing import _binary_masks_and_mean_prob
+
+    g = torch.Generator().manual_seed(0)
+    mask_pred = torch.randn(6, 9, 7, generator=g)
+    mask_pred[2] = -1.0  # an empty mask: mean probability 0
+    queries = torch.tensor([3, 0, 3, 2, 5])  # a query twice, as top-k pairs can give
+    masks = mask_pred[queries]
+    binary = (masks > 0).float()
+    flat = binary.flatten(1)
+    mean = (masks.sigmoid().flatten(1) * flat).sum(1) / (flat.sum(1) + 1e-6)
+    out_binary, out_mean = _binary_masks_and_mean_prob(mask_pred, queries)
+    assert torch.equal(out_binary, binary) and out_binary.dtype == torch.float32
+    torch.testing.assert_close(out_mean, mean, atol=1e-7, rtol=1e-6)
+    assert out_mean[3] == 0
+
+
+def test_semantic_and_panoptic_share_one_pixel_assignment():
+    """With both outputs on, postprocess_image assigns the pixels once; the results equal the
+    separate routines'."""
+    from mask2former.modeling import postprocessing as pp
+
+    g = torch.Generator().manual_seed(1)
+    mask_cls, mask_pred = torch.randn(7, 4, generator=g) * 3, torch.randn(7, 12, 10, generator=g)
+    settings = PostProcessSettings(num_classes=3, semantic_on=True, panoptic_on=True, instance_on=False,
+                                   thing_ids=frozenset({1}))
+    calls = []
+    original = pp._assign_pixels
+    pp._assign_pixels = lambda *a: calls.append(1) or original(*a)
+    try:
+        out = pp.postprocess_image(mask_cls, mask_pred, (12, 10), (12, 10), settings)
+    finally:
+        pp._assign_pixels = original
+    assert len(calls) == 1
+    sem = pp.semantic_inference(mask_cls, mask_pred, 3)
+    pan, info = pp.panoptic_inference(mask_cls, mask_pred, 3, frozenset({1}))
+    assert torch.equal(out["sem_seg"], sem) and torch.equal(out["panoptic_seg"][0], pan)
+    assert out["panoptic_seg"][1] == info

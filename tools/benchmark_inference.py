@@ -70,6 +70,7 @@ import mask2former  # noqa: E402,F401  (registers the model)
 from continual.config import setup_cfg  # noqa: E402
 from mask2former.modeling import postprocessing  # noqa: E402
 from mask2former.modeling.pixel_decoder import msdeformattn  # noqa: E402
+from mask2former.modeling.transformer_decoder import mask2former_transformer_decoder as decoder_module  # noqa: E402
 
 TINY_CONFIG = REPO / "tests" / "fixtures" / "ade_ps_t3_deltas_pos" / "config.yaml"
 REAL_CONFIG = REPO / "configs" / "ade20k" / "panoptic-segmentation" / "maskformer2_R50_bs16_160k.yaml"
@@ -139,13 +140,20 @@ def official_per_group_loop(decoder):
 
 @contextlib.contextmanager
 def previous_cpu_paths(model):
-    """Within the block, ``model`` runs the CPU code paths that issue #11 replaced, for an
-    in-process A/B comparison (same weights, same inputs, runs interleaved): every decoder
-    layer's class logits and full-resolution masks (``full_intermediate_predictions``), the
-    ``grid_sample`` deformable-attention core (``MSDeformAttn.forward``), the crop/resize
-    pass of the post-processing even when it is the identity, its ``argmax`` over the
-    queries of the full-resolution score-times-probability stack, and a bool attention mask
-    repeated for every head."""
+    """Within the block, ``model`` runs the computation paths of the official implementation
+    that this checkout replaced on CPU, for an in-process A/B comparison (same weights, same
+    inputs, runs interleaved):
+
+    * every decoder layer's class logits and full-resolution masks
+      (``full_intermediate_predictions``), the attention masks resized with ``F.interpolate``
+      from full-resolution mask logits, a bool attention mask repeated for every head, one
+      mask-head call per query group, and the official per-group self-attention loop at
+      inference (:func:`official_per_group_loop`);
+    * decoder memory tokens in the official ``[HW, B, C]`` permuted (non-contiguous) layout;
+    * the ``grid_sample`` deformable-attention core (``MSDeformAttn.forward``);
+    * the crop/resize pass of the post-processing even when it is the identity, and its
+      ``argmax`` over the queries of the full-resolution score-times-probability stack.
+    """
     def grid_sample_attention(attn, query, reference_points, src, shapes, start, padding_mask):
         return attn(query, reference_points, src, shapes, start, padding_mask)
 
@@ -157,27 +165,40 @@ def previous_cpu_paths(model):
     def best_query(scores, masks):
         return (scores.view(-1, 1, 1) * masks).argmax(0)
 
+    def interpolate(x, size):
+        return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
     pred = model.sem_seg_head.predictor
+    prepare_memories = pred._prepare_memories
 
     def bool_per_head_mask(attn_logits):
         blocked = attn_logits.detach().sigmoid().flatten(2) < 0.5
         blocked[blocked.all(-1)] = False
         return blocked.unsqueeze(1).repeat(1, pred.num_heads, 1, 1).flatten(0, 1)
 
+    def permuted_memories(x):
+        # the same values in the layout of ``feature.flatten(2).permute(2, 0, 1)``
+        return [tuple(t.permute(1, 2, 0).contiguous().permute(2, 0, 1) for t in (src, pos)) + (size,)
+                for src, pos, size in prepare_memories(x)]
+
     names = ((msdeformattn, "_deformable_attention", grid_sample_attention),
              (postprocessing, "inference_mask_input", mask_input),
-             (postprocessing, "_best_query", best_query))
+             (postprocessing, "_best_query", best_query),
+             (decoder_module, "resize_bilinear", interpolate))
     saved = [getattr(module, name) for module, name, _ in names]
     for module, name, previous in names:
         setattr(module, name, previous)
     pred.full_intermediate_predictions = True
     pred._blocked = bool_per_head_mask
+    pred._inference_mask_heads = lambda sizes: (pred._mask_heads(), sizes)
+    pred._prepare_memories = permuted_memories
     try:
-        yield model
+        with official_per_group_loop(pred):
+            yield model
     finally:
         for (module, name, _), current in zip(names, saved):
             setattr(module, name, current)
-        del pred.full_intermediate_predictions, pred._blocked
+        del pred.full_intermediate_predictions, pred._blocked, pred._inference_mask_heads, pred._prepare_memories
 
 
 def _timed_ab(fn, previous, warmup: int, runs: int):

@@ -165,6 +165,9 @@ class PostProcessSettings:
         )
 
 
+_NOT_GIVEN = object()  # a keyword default distinct from None (None = no query kept)
+
+
 def class_scores_and_labels(
     mask_cls: torch.Tensor, use_sigmoid: bool
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -267,6 +270,17 @@ def _assign_pixels(
     return winner, in_segment, survives
 
 
+def _segments(mask_cls, mask_pred, num_classes, object_mask_threshold, overlap_threshold, mask_threshold,
+              use_sigmoid):
+    """``(labels, winner, in_segment, survives)`` of the kept queries (see :func:`_kept_queries`
+    and :func:`_assign_pixels`), or None when no query is kept. Hard semantic and panoptic
+    inference of one image share it (:func:`postprocess_image` computes it once for both)."""
+    scores, labels, masks = _kept_queries(mask_cls, mask_pred, num_classes, object_mask_threshold, use_sigmoid)
+    if labels.numel() == 0:
+        return None
+    return (labels,) + _assign_pixels(scores, masks, mask_threshold, overlap_threshold)
+
+
 def semantic_inference(
     mask_cls: torch.Tensor,
     mask_pred: torch.Tensor,
@@ -275,6 +289,7 @@ def semantic_inference(
     overlap_threshold: float = 0.0,
     mask_threshold: float = 0.5,
     use_sigmoid: bool = True,
+    segments=_NOT_GIVEN,
 ) -> torch.Tensor:
     """ECLIPSE's hard-assignment semantic segmentation (``MASK_BG False``) of one image.
 
@@ -290,14 +305,12 @@ def semantic_inference(
         [C+1, H, W] float32 one-hot map: channel 0 = no segment, channel ``c+1`` = label ``c``.
     """
     h, w = mask_pred.shape[-2:]
-    scores, labels, masks = _kept_queries(
-        mask_cls, mask_pred, num_classes, object_mask_threshold, use_sigmoid
-    )
+    if segments is _NOT_GIVEN:
+        segments = _segments(mask_cls, mask_pred, num_classes, object_mask_threshold, overlap_threshold,
+                             mask_threshold, use_sigmoid)
     semseg = torch.zeros((h, w), dtype=torch.long, device=mask_pred.device)
-    if labels.numel() > 0:
-        winner, in_segment, survives = _assign_pixels(
-            scores, masks, mask_threshold, overlap_threshold
-        )
+    if segments is not None:
+        labels, winner, in_segment, survives = segments
         keep = torch.tensor(survives, dtype=torch.bool, device=labels.device)
         value_of_query = torch.where(keep, labels + 1, torch.zeros_like(labels))
         semseg = torch.where(in_segment, value_of_query[winner], semseg)
@@ -328,6 +341,7 @@ def panoptic_inference(
     mask_threshold: float = 0.5,
     use_sigmoid: bool = True,
     category_offset: int = 1,
+    segments=_NOT_GIVEN,
 ) -> Tuple[torch.Tensor, List[Dict]]:
     """Panoptic segmentation of one image by hard pixel assignment.
 
@@ -354,13 +368,12 @@ def panoptic_inference(
     h, w = mask_pred.shape[-2:]
     panoptic_seg = torch.zeros((h, w), dtype=torch.int32, device=mask_pred.device)
     segments_info = []
-    scores, labels, masks = _kept_queries(
-        mask_cls, mask_pred, num_classes, object_mask_threshold, use_sigmoid
-    )
-    if labels.numel() == 0:
+    if segments is _NOT_GIVEN:
+        segments = _segments(mask_cls, mask_pred, num_classes, object_mask_threshold, overlap_threshold,
+                             mask_threshold, use_sigmoid)
+    if segments is None:
         return panoptic_seg, segments_info
-
-    winner, in_segment, survives = _assign_pixels(scores, masks, mask_threshold, overlap_threshold)
+    labels, winner, in_segment, survives = segments
     segment_of_query = [0] * len(survives)
     stuff_segment = {}
     for k, (label, ok) in enumerate(zip(labels.tolist(), survives)):
@@ -424,17 +437,29 @@ def instance_inference(
             topk_scores[keep], topk_labels[keep], topk_queries[keep]
         )
 
-    masks = mask_pred[topk_queries]
-    binary = (masks > 0).float()
-    flat_binary = binary.flatten(1)
-    mean_mask_prob = (masks.sigmoid().flatten(1) * flat_binary).sum(1) / (flat_binary.sum(1) + 1e-6)
-
+    binary, mean_mask_prob = _binary_masks_and_mean_prob(mask_pred, topk_queries)
     result = Instances(image_size)
     result.pred_masks = binary
     result.pred_boxes = Boxes(torch.zeros(binary.shape[0], 4, device=binary.device))
     result.scores = topk_scores * mean_mask_prob
     result.pred_classes = topk_labels
     return result
+
+
+def _binary_masks_and_mean_prob(mask_pred: torch.Tensor, queries: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(mask_pred[queries] > 0).float()`` and, per row, the mean sigmoid probability inside
+    that binary mask (``1e-6`` added to the pixel count), as the official instance inference
+    computes them; one mask at a time, written into the output and turned into 0/1 in place
+    while it is in cache, instead of four full-size temporaries. Same values."""
+    binary = mask_pred.new_empty((len(queries),) + tuple(mask_pred.shape[1:]))
+    mean_prob = mask_pred.new_empty(len(queries))
+    for row, query in enumerate(queries.tolist()):
+        mask = binary[row]
+        mask.copy_(mask_pred[query])
+        positive = mask > 0
+        mean_prob[row] = torch.where(positive, mask.sigmoid(), 0).sum() / (positive.sum() + 1e-6)
+        mask.gt_(0)
+    return binary, mean_prob
 
 
 def upsample_masks(pred_masks: torch.Tensor, padded_size: Sequence[int]) -> torch.Tensor:
@@ -505,6 +530,12 @@ def postprocess_image(
     mask_pred = inference_mask_input(mask_pred, image_size, output_size, s)
     mask_cls = mask_cls.to(mask_pred)
     result = {}
+    # hard semantic and panoptic inference assign the pixels with the same rule and thresholds:
+    # done once when both are on
+    segments = _NOT_GIVEN
+    if s.panoptic_on and s.semantic_on and s.semantic_mode != "soft":
+        segments = _segments(mask_cls, mask_pred, s.num_classes, s.object_mask_threshold,
+                             s.overlap_threshold, s.mask_threshold, s.use_sigmoid)
 
     if s.semantic_on:
         if s.semantic_mode == "soft":
@@ -512,7 +543,7 @@ def postprocess_image(
         else:
             sem_seg = semantic_inference(
                 mask_cls, mask_pred, s.num_classes, s.object_mask_threshold,
-                s.overlap_threshold, s.mask_threshold, s.use_sigmoid,
+                s.overlap_threshold, s.mask_threshold, s.use_sigmoid, segments=segments,
             )
         if not s.sem_seg_postprocess_before_inference:
             sem_seg = sem_seg_postprocess(sem_seg, image_size, output_size[0], output_size[1])
@@ -521,7 +552,7 @@ def postprocess_image(
     if s.panoptic_on:
         result["panoptic_seg"] = panoptic_inference(
             mask_cls, mask_pred, s.num_classes, s.thing_ids, s.object_mask_threshold,
-            s.overlap_threshold, s.mask_threshold, s.use_sigmoid,
+            s.overlap_threshold, s.mask_threshold, s.use_sigmoid, segments=segments,
         )
 
     if s.instance_on:

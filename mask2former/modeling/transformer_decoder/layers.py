@@ -3,12 +3,14 @@
 All blocks use the sequence-first layout ``[L, B, C]`` of :class:`torch.nn.MultiheadAttention`
 and post-norm by default (LayerNorm after each residual addition), with an optional pre-norm.
 """
-from typing import Optional
+from typing import Optional, Sequence, Tuple
+
+import torch
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MLP"]
+__all__ = ["SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MLP", "StackedMLPs", "resize_bilinear"]
 
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -130,3 +132,66 @@ class MLP(nn.Module):
             if i < last:
                 x = F.relu(x)
         return x
+
+
+class StackedMLPs:
+    """Several :class:`MLP` of one shape applied to consecutive query groups of equal size, with
+    one batched matrix product per layer instead of one small product per group and layer.
+
+    Built from the MLPs' current parameters (a stacked copy: build it for one forward, do not
+    keep it across parameter updates). Same results as applying each MLP to its own group, up
+    to float summation order.
+    """
+
+    def __init__(self, mlps: Sequence[MLP], group_size: int):
+        depth = len(mlps[0].layers)
+        if any(len(m.layers) != depth for m in mlps):
+            raise ValueError("StackedMLPs needs MLPs of the same depth")
+        self.group_size = group_size
+        self.num_groups = len(mlps)
+        # [G, in, out] weights and [G, 1, out] biases, per layer
+        self.weights = [torch.stack([m.layers[i].weight for m in mlps]).transpose(1, 2) for i in range(depth)]
+        self.biases = [torch.stack([m.layers[i].bias for m in mlps]).unsqueeze(1) for i in range(depth)]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``[B, G * group_size, C]`` -> ``[B, G * group_size, out]``."""
+        batch, rows, channels = x.shape
+        groups, size = self.num_groups, self.group_size
+        if rows != groups * size:
+            raise ValueError(f"{rows} queries do not make {groups} groups of {size}")
+        h = x.reshape(batch, groups, size, channels).transpose(0, 1).reshape(groups, batch * size, channels)
+        last = len(self.weights) - 1
+        for i, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+            h = torch.baddbmm(bias, h, weight)
+            if i < last:
+                h = F.relu(h)
+        return h.reshape(groups, batch, size, -1).transpose(0, 1).reshape(batch, rows, -1)
+
+
+def resize_bilinear(x: Tensor, size: Tuple[int, int]) -> Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` for ``[N, C, H, W]``.
+
+    When both sides shrink by an integer factor ``r``, output pixel ``i`` sits at input
+    position ``r * i + (r - 1) / 2``: on a pixel for odd ``r`` (a strided pick) and halfway
+    between two pixels for even ``r`` (their mean, the interpolation weights being exactly
+    1/2). That is computed here by strided slicing, which on CPU costs a small fraction of
+    ``F.interpolate`` on a channel-major map; other sizes go to ``F.interpolate``.
+    Differentiable either way.
+    """
+    height, width = x.shape[-2:]
+    out_h, out_w = size
+    if out_h <= 0 or out_w <= 0 or height % out_h or width % out_w:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    for dim, factor in ((-1, width // out_w), (-2, height // out_h)):
+        if factor == 1:
+            continue
+        first = (factor - 1) // 2
+        picked = x.narrow(dim, first, x.shape[dim] - first)
+        index = [slice(None)] * x.dim()
+        index[dim] = slice(None, None, factor)
+        if factor % 2:
+            x = picked[tuple(index)]
+        else:
+            following = x.narrow(dim, first + 1, x.shape[dim] - first - 1)
+            x = (picked[tuple(index)] + following[tuple(index)]) * 0.5
+    return x

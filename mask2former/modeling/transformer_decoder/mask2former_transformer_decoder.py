@@ -18,7 +18,6 @@ Three forward paths:
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import Conv2d
 from detectron2.utils.registry import Registry
@@ -26,7 +25,7 @@ from fvcore.nn import weight_init
 from torch import Tensor, nn
 
 from .classifier import IncrementalClassifier
-from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer
+from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, StackedMLPs, resize_bilinear
 from .logit_manipulation import manipulate_logits, parse_logit_deltas
 from .position_encoding import PositionEmbeddingSine
 
@@ -301,6 +300,21 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         prompt_heads = list(self.prompt_mask_embed) or [self.mask_embed] * len(self.prompt_feat)
         return [self.mask_embed] + prompt_heads
 
+    def _inference_mask_heads(self, sizes: Sequence[int]):
+        """``(heads, sizes)`` for :meth:`_mask_embeddings` at inference: the prompt groups'
+        own mask heads run as one :class:`StackedMLPs` (one batched product per layer instead
+        of one per group; stacked once per forward), a shared head over all its queries at
+        once. Same embeddings as :meth:`_mask_heads` per group, up to float summation order."""
+        heads = self._mask_heads()
+        if len(heads) <= 2 or torch.is_grad_enabled():
+            return heads, sizes
+        if all(h is self.mask_embed for h in heads):
+            return [self.mask_embed], [sum(sizes)]
+        prompt_sizes = set(sizes[1:])
+        if len(prompt_sizes) != 1 or any(h is self.mask_embed for h in heads[1:]):
+            return heads, sizes
+        return [heads[0], StackedMLPs(heads[1:], prompt_sizes.pop())], [sizes[0], sum(sizes[1:])]
+
     # ------------------------------------------------------------------ forward
     def forward(self, x: List[Tensor], mask_features: Tensor, mask: Optional[Tensor] = None) -> Dict:
         """
@@ -428,8 +442,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         mask_logits = torch.einsum("bqc,bchw->bqhw", mask_emb, mask_features)
         if attn_size is None:
             return class_logits, mask_logits, None
-        attn = F.interpolate(mask_logits, size=attn_size, mode="bilinear", align_corners=False)
-        return class_logits, mask_logits, self._blocked(attn)
+        return class_logits, mask_logits, self._blocked(resize_bilinear(mask_logits, attn_size))
 
     def _attention_mask_low_res(self, output: Tensor, mask_features: Tensor, attn_size, heads,
                                 cache: Dict[Tuple[int, int], Tensor]) -> Optional[Tensor]:
@@ -442,7 +455,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             return None
         with torch.no_grad():  # a bool mask: nothing to back-propagate
             if attn_size not in cache:
-                cache[attn_size] = F.interpolate(mask_features, size=attn_size, mode="bilinear", align_corners=False)
+                cache[attn_size] = resize_bilinear(mask_features, attn_size)
             decoded = self.decoder_norm(output).transpose(0, 1)
             mask_emb = self._mask_embeddings(decoded, heads)
             return self._blocked(torch.einsum("bqc,bchw->bqhw", mask_emb, cache[attn_size]))
@@ -506,7 +519,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         # only the last prediction is returned: the others just build attention masks
         needed = None if self.full_intermediate_predictions else [self.num_layers]
         outputs, logits, masks = self._decode(
-            memories, mask_features, queries, query_pos, (self._mask_heads(), sizes), self_mask, needed
+            memories, mask_features, queries, query_pos, self._inference_mask_heads(sizes), self_mask, needed
         )
         pred_logits = logits[-1]
         # Only with prompt sets: at step 0 there are no other groups whose classes a delta
