@@ -104,6 +104,7 @@ def main(argv=None) -> int:
                         help="also time the replaced CPU paths in the same worker, interleaved")
     parser.add_argument("--baseline-repo", help="also run every case with the package of this checkout")
     parser.add_argument("--bf16", action="store_true", help="also time MODEL.CPU_BF16 True")
+    parser.add_argument("--steps", default="0,1", help="comma-separated subset of 0,1 (default 0,1)")
     args = parser.parse_args(argv)
     if answer_worker_or_prepare(args, measure):
         return 0
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|"]
     variants = (["baseline"] if args.baseline_repo else []) + ["float32"] + (["bf16"] if args.bf16 else [])
     for size in args.sizes.split(","):
-        for step in (0, 1):
+        for step in [int(x) for x in args.steps.split(",")]:
             base = None
             for variant in variants:
                 spec = {"size": size, "step": step, "threads": args.threads, "runs": args.runs,

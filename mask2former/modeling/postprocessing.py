@@ -196,7 +196,7 @@ def _kept_queries(
     whose score is above the threshold, in query order."""
     scores, labels = class_scores_and_labels(mask_cls, use_sigmoid)
     keep = _keep_rule(scores, labels, num_classes, object_mask_threshold)
-    return scores[keep], labels[keep], mask_pred[keep].sigmoid()
+    return scores[keep], labels[keep], mask_pred[keep].sigmoid_()  # the boolean index made a copy
 
 
 def _keep_rule(scores: torch.Tensor, labels: torch.Tensor, num_classes: int, object_mask_threshold: float) -> torch.Tensor:
@@ -251,14 +251,15 @@ def _assign_pixels(
     """
     num_kept = scores.shape[0]
     winner = _best_query(scores, masks)
-    own_mask = masks >= mask_threshold
+    # the winner's own thresholded mask at every pixel
+    in_segment = masks.gather(0, winner.unsqueeze(0))[0] >= mask_threshold
     # Segments are disjoint (one winner per pixel), so every per-query area below is one
     # pass over the pixels instead of K full-image comparisons.
-    in_segment = own_mask.gather(0, winner.unsqueeze(0))[0]
     flat_winner = winner.flatten()
     won_area = torch.bincount(flat_winner, minlength=num_kept).tolist()
     segment_area = torch.bincount(flat_winner[in_segment.flatten()], minlength=num_kept).tolist()
-    mask_area = own_mask.flatten(1).sum(1).tolist()
+    # one map at a time (in cache) instead of a [K, H, W] bool stack and a cast for its sum
+    mask_area = [int((mask >= mask_threshold).sum()) for mask in masks]
 
     survives = []
     for k in range(num_kept):

@@ -72,9 +72,8 @@ def _sample_bags(
     ``[B, M, L, P, Lq]``: the query axis last and contiguous, so that every element-wise step
     below runs over long contiguous rows with per-level constants broadcast over them (the
     query-major layout ``[B, Lq, M, L, P]`` broadcasts over rows of 4 and 12 elements, which
-    costs several times more). The bilinear corners are written, once, into the bag layout
-    ``[B, Lq, M, 4, L, P]`` that ``embedding_bag`` reads. The value is read in its own layout
-    ``[B, S, M, Dh]`` (row ``(b * S + s) * M + m``), without a copy.
+    costs several times more). The value is read in its own layout ``[B, S, M, Dh]`` (row
+    ``(b * S + s) * M + m``), without a copy.
     """
     batch, num_values, heads, head_dim = value.shape
     _, _, num_levels, num_points, num_queries = loc_x.shape
@@ -105,18 +104,19 @@ def _sample_bags(
     row_step = widths * heads
     row0 = base + torch.minimum(iy.clamp(min=0), heights - 1) * row_step
     row1 = base + torch.minimum((iy + 1).clamp(min=0), heights - 1) * row_step
-    to_bags = (0, 4, 1, 2, 3)  # [B, M, L, P, Lq] -> [B, Lq, M, L, P]
+    # One bag of 4 * L * P rows per output vector, bags ordered (b, m, q): the corners are
+    # stacked query-minor, then each (b, m) block is transposed once ([4*L*P, Lq] -> [Lq, 4*L*P]);
+    # the output comes back as [B, M, Lq, Dh] and is put in query-major order below (6 times
+    # less data to move than transposing the indices and weights into (b, q, m) bags)
     corners = ((row0, col0, wy0, wx0), (row0, col1, wy0, wx1), (row1, col0, wy1, wx0), (row1, col1, wy1, wx1))
-    bag_shape = (batch, num_queries, heads, 4, num_levels, num_points)
-    indices = torch.empty(bag_shape, dtype=index_dtype, device=value.device)
-    weights = torch.empty(bag_shape, dtype=wx0.dtype, device=value.device)
-    for corner, (row, col, wy, wx) in enumerate(corners):  # one transposing copy per corner
-        indices[:, :, :, corner] = (row + col).permute(to_bags)
-        weights[:, :, :, corner] = (wy * wx).permute(to_bags)
     bag = 4 * num_levels * num_points
-    out = F.embedding_bag(indices.view(-1, bag), value.reshape(-1, head_dim),
-                          per_sample_weights=weights.view(-1, bag), mode="sum")
-    return out.view(batch, num_queries, heads * head_dim)
+    indices = torch.stack([row + col for row, col, _, _ in corners], dim=2)
+    weights = torch.stack([wy * wx for _, _, wy, wx in corners], dim=2)
+    indices, weights = (t.view(batch * heads, bag, num_queries).transpose(1, 2).reshape(-1, bag)
+                        for t in (indices, weights))
+    out = F.embedding_bag(indices, value.reshape(-1, head_dim), per_sample_weights=weights, mode="sum")
+    out = out.view(batch, heads, num_queries, head_dim).transpose(1, 2)
+    return out.reshape(batch, num_queries, heads * head_dim)
 
 
 def _deformable_attention(attn: MSDeformAttn, query: Tensor, reference_points: Tensor, src: Tensor,
@@ -221,7 +221,8 @@ class DeformableEncoderLayer(nn.Module):
         )
         src = self.norm1(src + self.dropout1(attended))
 
-        hidden = self.dropout2(F.relu(self.linear1(src)))
+        # in place: the [B, S, dim_feedforward] product is new and its backward needs only the ReLU output
+        hidden = self.dropout2(F.relu(self.linear1(src), inplace=True))
         src = self.norm2(src + self.dropout3(self.linear2(hidden)))
         return src
 
