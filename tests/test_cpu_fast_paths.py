@@ -1,7 +1,9 @@
 """The CPU fast paths of issue #11 against the straightforward computations they replace.
 
-* :func:`deform_attn_cpu` (one weighted ``embedding_bag``) against the ``grid_sample`` core, values
-  and gradients, sampling points inside, on the border of and outside the maps;
+* :func:`deform_attn_cpu` (one weighted ``embedding_bag``, with its own backward) against the
+  ``grid_sample`` core, values and gradients, sampling points inside, on the border of and
+  outside the maps; a whole encoder layer against ``MSDeformAttn.forward``, and which path a
+  trainable or frozen pixel decoder takes;
 * the decoder's inference with low-resolution intermediate attention masks against the
   official per-layer full-resolution path (``full_intermediate_predictions``), on every
   reference fixture and on random weights;
@@ -208,23 +210,35 @@ def test_cpu_bf16_training_losses_are_float32_and_backpropagate():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in grad.parameters())
 
 
-def test_pixel_decoder_uses_embedding_bag_only_without_gradients(monkeypatch):
-    """Inference (and a frozen pixel decoder) take the embedding_bag core; a trainable one keeps
-    the grid_sample core, whose CPU backward is faster. Both give the same features."""
+def test_pixel_decoder_uses_embedding_bag_with_and_without_gradients(monkeypatch):
+    """Inference, a frozen and a trainable pixel decoder all take the embedding_bag core (the
+    trainable one with its own backward); the features equal the grid_sample core's."""
     fixture = REFERENCE_FIXTURES[0]
     _, model = build_fixture_model(str(fixture))
     pixel_decoder = model.sem_seg_head.pixel_decoder.eval()
     feats = _load(str(fixture), "backbone_features.pt")["infer"]
-    calls = []
-    original = msdeformattn._sample_bags
+    num_layers = len(pixel_decoder.transformer.encoder.layers)
+    calls, backward_calls = [], []
+    original, original_grad = msdeformattn._sample_bags, msdeformattn._value_gradient
     monkeypatch.setattr(msdeformattn, "_sample_bags", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(msdeformattn, "_value_gradient", lambda *a: backward_calls.append(1) or original_grad(*a))
     with torch.no_grad():
         fast = pixel_decoder.forward_features(feats)[0]
-    assert len(calls) == len(pixel_decoder.transformer.encoder.layers)
+    assert len(calls) == num_layers
     calls.clear()
     trained = pixel_decoder.forward_features(feats)[0]
-    assert not calls and trained.requires_grad
-    torch.testing.assert_close(fast, trained.detach(), atol=1e-5, rtol=0)
+    assert len(calls) == num_layers and trained.requires_grad and not backward_calls
+    trained.square().sum().backward()
+    assert len(backward_calls) == num_layers
+    monkeypatch.setattr(msdeformattn, "_deformable_attention", _module_forward)
+    reference = pixel_decoder.forward_features(feats)[0]
+    torch.testing.assert_close(fast, reference.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(trained.detach(), reference.detach(), atol=1e-5, rtol=0)
+
+
+def _module_forward(attn, query, reference_points, src, shapes, starts, padding_mask):
+    """What ``_deformable_attention`` did before the CPU paths: the module's own forward."""
+    return attn(query, reference_points, src, shapes, starts, padding_mask)
 
 
 @pytest.mark.parametrize("num_queries", [1, 2, 37])
@@ -342,3 +356,110 @@ def test_semantic_and_panoptic_share_one_pixel_assignment():
     pan, info = pp.panoptic_inference(mask_cls, mask_pred, 3, frozenset({1}))
     assert torch.equal(out["sem_seg"], sem) and torch.equal(out["panoptic_seg"][0], pan)
     assert out["panoptic_seg"][1] == info
+def test_trainable_path_only_for_the_pytorch_implementation(monkeypatch):
+    """With gradients too, an explicitly selected kernel decides for itself."""
+    fixture = REFERENCE_FIXTURES[0]
+    _, model = build_fixture_model(str(fixture))
+    pixel_decoder = model.sem_seg_head.pixel_decoder.train()
+    feats = _load(str(fixture), "backbone_features.pt")["infer"]
+    calls = []
+    original = msdeformattn._sample_bags
+    monkeypatch.setattr(msdeformattn, "_sample_bags", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setenv(ENV_VAR, "cuda_ext")
+    with pytest.raises(ValueError, match="cuda_ext"):
+        pixel_decoder.forward_features(feats)
+    assert not calls
+    monkeypatch.setenv(ENV_VAR, "pytorch")
+    assert pixel_decoder.forward_features(feats)[0].requires_grad and calls
+
+
+def _special_points(loc, spatial):
+    """Sampling points exactly on pixel centres, on pixel edges, on the map border and one pixel
+    or more outside it, for the first query of every batch element. The bilinear weights have a
+    kink at pixel centres, where a derivative depends on which side the rounded coordinate
+    falls: map sizes that are powers of two keep these coordinates exact in both cores."""
+    for lvl, (h, w) in enumerate(spatial.tolist()):
+        xs = torch.tensor([0.5 / w, 1.0 / w, 0.0, 1.0, -1.0 / w, 1 + 1.0 / w, -0.6, 1.7], dtype=loc.dtype)
+        ys = torch.tensor([0.5 / h, 0.0, 1.0, 1.0 / h, 1.0, -2.0 / h, 0.5, 0.5], dtype=loc.dtype)
+        n = min(len(xs), loc.shape[2] * loc.shape[4])
+        flat = loc[:, 0, :, lvl].reshape(loc.shape[0], -1, 2)
+        flat[:, :n, 0], flat[:, :n, 1] = xs[:n], ys[:n]
+        loc[:, 0, :, lvl] = flat.view_as(loc[:, 0, :, lvl])
+    return loc
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+@pytest.mark.parametrize("wrt", ["all", "value", "locations", "weights"])
+def test_bag_sampling_backward_matches_grid_sample(seed, wrt):
+    """The hand-written backward of the embedding_bag core against autograd through the
+    grid_sample core, float64, for every subset of inputs that needs a gradient."""
+    value, spatial, loc, weights = _problem(seed, batch=2, heads=2, dim=3, shapes=((4, 8), (2, 2), (1, 4)),
+                                            queries=5, points=4)
+    loc = _special_points(loc, spatial)
+    inputs = (value, loc, weights)
+    names = ("value", "locations", "weights")
+    needed = [wrt in ("all", name) for name in names]
+    inputs = tuple(t.clone().requires_grad_(n) for t, n in zip(inputs, needed))
+    grad_out = torch.randn(2, loc.shape[1], value.shape[2] * value.shape[3], dtype=torch.float64,
+                           generator=torch.Generator().manual_seed(seed))
+    wanted = [t for t in inputs if t.requires_grad]
+    out = deform_attn_cpu(inputs[0], spatial, inputs[1], inputs[2])
+    assert type(out.grad_fn).__name__ == "_BagSamplingBackward"
+    ref = ms_deform_attn_core_pytorch(*inputs[:1], spatial, *inputs[1:])
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    got = torch.autograd.grad(out, wanted, grad_out)
+    expected = torch.autograd.grad(ref, wanted, grad_out)
+    for name, a, b in zip([n for n, k in zip(names, needed) if k], got, expected):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_bag_sampling_backward_float32_close():
+    value, spatial, loc, weights = (t.float().requires_grad_() if t.is_floating_point() else t
+                                    for t in _problem(7, shapes=((8, 8), (4, 4), (2, 2)), queries=20))
+    grad_out = torch.randn(2, 20, value.shape[2] * value.shape[3], generator=torch.Generator().manual_seed(7))
+    got = torch.autograd.grad(deform_attn_cpu(value, spatial, loc, weights), (value, loc, weights), grad_out)
+    ref = torch.autograd.grad(ms_deform_attn_core_pytorch(value, spatial, loc, weights), (value, loc, weights), grad_out)
+    for name, a, b in zip(("value", "locations", "weights"), got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_encoder_layer_gradients_match_module_forward(monkeypatch, with_padding):
+    """A whole deformable encoder layer, float64: the output and the gradients of every
+    parameter and of the input equal those through ``MSDeformAttn.forward``."""
+    torch.manual_seed(0)
+    shapes = torch.tensor([[6, 5], [3, 3], [2, 2]])
+    starts = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
+    total = int(shapes.prod(1).sum())
+    layer = msdeformattn.DeformableEncoderLayer(d_model=16, dim_feedforward=24, dropout=0.0,
+                                                n_levels=3, n_heads=4, n_points=3).double()
+    with torch.no_grad():  # query-dependent offsets and weights, some points leave the maps
+        layer.self_attn.sampling_offsets.weight.normal_(0, 0.5)
+        layer.self_attn.attention_weights.weight.normal_(0, 0.5)
+    src = torch.randn(2, total, 16, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(2, total, 16, dtype=torch.float64)
+    ratios = torch.ones(2, 3, 2, dtype=torch.float64)
+    mask = None
+    if with_padding:
+        ratios[1] = 0.8
+        mask = torch.zeros(2, total, dtype=torch.bool)
+        mask[1, ::7] = True
+    ref_points = msdeformattn.DeformableEncoder.get_reference_points(shapes, ratios)
+    weight = torch.randn(2, total, 16, dtype=torch.float64)
+    params = [src] + list(layer.parameters())
+
+    def grads():
+        out = layer(src, pos, ref_points, shapes, starts, mask)
+        return [out.detach()] + list(torch.autograd.grad((out * weight).sum(), params))
+
+    calls = []
+    original = msdeformattn._value_gradient
+    monkeypatch.setattr(msdeformattn, "_value_gradient", lambda *a: calls.append(1) or original(*a))
+    new = grads()
+    assert calls
+    monkeypatch.setattr(msdeformattn, "_deformable_attention", _module_forward)
+    ref = grads()
+    names = ["output", "src"] + [n for n, _ in layer.named_parameters()]
+    for name, a, b in zip(names, new, ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+

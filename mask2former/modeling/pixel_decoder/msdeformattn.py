@@ -49,7 +49,7 @@ def deform_attn_cpu(
     the ``[B*S*M, Dh]`` value table, without the per-level ``grid_sample`` on a channel-major
     copy of the value, the concatenation of the samples and the weighting product. Corners
     outside the map get weight 0. Differentiable with respect to the value, the locations and
-    the weights.
+    the weights (through :class:`_BagSampling`'s backward).
 
     Args:
         value: ``[B, S, M, Dh]``; spatial_shapes: ``[L, 2]`` long ``(H_l, W_l)``;
@@ -63,6 +63,66 @@ def deform_attn_cpu(
     return _sample_bags(value, spatial_shapes, loc[0], loc[1], attention_weights.permute(0, 2, 3, 4, 1).contiguous())
 
 
+def _bilinear_corners(loc_x: Tensor, loc_y: Tensor, shapes: Tensor, index_dtype: torch.dtype):
+    """Integer top-left corner ``(ix, iy)``, fractions ``(fx, fy)`` and the in-map flags of the
+    two columns ``(ix, ix + 1)`` and rows ``(iy, iy + 1)`` of every sampling point, in the
+    layout of ``loc_x`` / ``loc_y`` (``[B, M, L, P, Lq]``; ``shapes`` is ``[L, 2]`` long)."""
+    num_levels = loc_x.shape[2]
+    level = (1, 1, num_levels, 1, 1)
+    heights, widths = shapes[:, 0].to(index_dtype).view(level), shapes[:, 1].to(index_dtype).view(level)
+    # pixel coordinates, pixel centres at integers (align_corners=False)
+    x = loc_x * widths.to(loc_x.dtype) - 0.5
+    y = loc_y * heights.to(loc_y.dtype) - 0.5
+    x0, y0 = x.floor(), y.floor()
+    ix, iy = x0.to(index_dtype), y0.to(index_dtype)
+    inside = ((ix >= 0) & (ix < widths), (ix >= -1) & (ix < widths - 1),
+              (iy >= 0) & (iy < heights), (iy >= -1) & (iy < heights - 1))
+    return ix, iy, x - x0, y - y0, inside, heights, widths
+
+
+def _bag_layout(value_shape, spatial_shapes: Tensor, loc_x: Tensor, loc_y: Tensor,
+                attention_weights: Tensor) -> Tuple[Tensor, Tensor]:
+    """Rows of the value table and weights of the ``4 * L * P`` bilinear corners of every bag
+    ``(b, m, q)`` (one bag per output vector): two ``[B, M, Lq, 4, L, P]`` tensors (corners in
+    the order (y0, x0), (y0, x1), (y1, x0), (y1, x1)). Inputs query-minor ``[B, M, L, P, Lq]``,
+    as in :func:`_sample_bags`.
+
+    The bags are ordered (b, m, q) because the corners are computed query-minor: stacked, each
+    (b, m) block needs one transpose ``[4*L*P, Lq] -> [Lq, 4*L*P]``; bags ordered (b, q, m)
+    would need a strided copy per corner, and the sampled output, 6 times smaller than the
+    indices and weights, is what gets reordered instead."""
+    batch, num_values, heads, _ = value_shape
+    _, _, num_levels, num_points, num_queries = loc_x.shape
+    device = loc_x.device
+    shapes = spatial_shapes.to(device=device, dtype=torch.long)
+    # int32 row numbers halve the index traffic; int64 only for tables beyond its range
+    index_dtype = torch.int32 if batch * num_values * heads < 2**31 - 1 else torch.long
+    ix, iy, fx, fy, (in_x0, in_x1, in_y0, in_y1), heights, widths = _bilinear_corners(loc_x, loc_y, shapes, index_dtype)
+    starts = torch.cat((shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1])).to(index_dtype)
+    # weight of each column / row (the attention weight folded into the rows), zero outside the
+    # map (zero padding); a corner of weight zero may read any row, so indices are clamped
+    wx0 = (1 - fx) * in_x0
+    wx1 = fx * in_x1
+    wy0 = (1 - fy) * attention_weights * in_y0
+    wy1 = fy * attention_weights * in_y1
+    col0 = torch.minimum(ix.clamp(min=0), widths - 1) * heads
+    col1 = torch.minimum((ix + 1).clamp(min=0), widths - 1) * heads
+    # row of (b, level, y, m) in the value table: (b * S + start_l + y * W_l) * M + m
+    base = (torch.arange(batch, dtype=index_dtype, device=device).view(batch, 1, 1) * num_values
+            + starts.view(1, 1, num_levels)) * heads + torch.arange(heads, dtype=index_dtype, device=device).view(1, heads, 1)
+    base = base.view(batch, heads, num_levels, 1, 1)
+    row_step = widths * heads
+    row0 = base + torch.minimum(iy.clamp(min=0), heights - 1) * row_step
+    row1 = base + torch.minimum((iy + 1).clamp(min=0), heights - 1) * row_step
+    corners = ((row0, col0, wy0, wx0), (row0, col1, wy0, wx1), (row1, col0, wy1, wx0), (row1, col1, wy1, wx1))
+    bag = 4 * num_levels * num_points
+    bag_shape = (batch, heads, num_queries, 4, num_levels, num_points)
+    indices = torch.stack([row + col for row, col, _, _ in corners], dim=2)  # [B, M, 4, L, P, Lq]
+    weights = torch.stack([wy * wx for _, _, wy, wx in corners], dim=2)
+    return tuple(t.view(batch * heads, bag, num_queries).transpose(1, 2).contiguous().view(bag_shape)
+                 for t in (indices, weights))
+
+
 def _sample_bags(
     value: Tensor, spatial_shapes: Tensor, loc_x: Tensor, loc_y: Tensor, attention_weights: Tensor
 ) -> Tensor:
@@ -70,74 +130,179 @@ def _sample_bags(
 
     ``loc_x``, ``loc_y`` (normalised sampling locations) and ``attention_weights`` are
     ``[B, M, L, P, Lq]``: the query axis last and contiguous, so that every element-wise step
-    below runs over long contiguous rows with per-level constants broadcast over them (the
+    runs over long contiguous rows with per-level constants broadcast over them (the
     query-major layout ``[B, Lq, M, L, P]`` broadcasts over rows of 4 and 12 elements, which
-    costs several times more). The value is read in its own layout ``[B, S, M, Dh]`` (row
-    ``(b * S + s) * M + m``), without a copy.
+    costs several times more). The bilinear corners are written, once, into the bag layout
+    ``[B, M, Lq, 4, L, P]`` that ``embedding_bag`` reads (:func:`_bag_layout`); its
+    ``[B, M, Lq, Dh]`` output is returned query-major. The value is read in its own layout
+    ``[B, S, M, Dh]`` (row ``(b * S + s) * M + m``), without a copy.
+
+    When a gradient is needed, :class:`_BagSampling` computes the same forward with a backward
+    written for CPU (``embedding_bag``'s own backward sorts every index in a slow loop and does
+    not reach the locations).
     """
-    batch, num_values, heads, head_dim = value.shape
-    _, _, num_levels, num_points, num_queries = loc_x.shape
-    shapes = spatial_shapes.to(device=value.device, dtype=torch.long)
-    # int32 row numbers halve the index traffic; int64 only for tables beyond its range
-    index_dtype = torch.int32 if batch * num_values * heads < 2**31 - 1 else torch.long
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (value, loc_x, loc_y, attention_weights)):
+        return _BagSampling.apply(value, spatial_shapes, loc_x, loc_y, attention_weights)
+    indices, weights = _bag_layout(value.shape, spatial_shapes, loc_x, loc_y, attention_weights)
+    return _bags_to_output(_embedding_bag_sum(value, indices, weights), indices.shape)
+
+
+def _embedding_bag_sum(value: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """The weighted sum of every bag of :func:`_bag_layout`: ``[B*M*Lq, Dh]``."""
+    bag = indices.shape[3] * indices.shape[4] * indices.shape[5]
+    return F.embedding_bag(indices.view(-1, bag), value.reshape(-1, value.shape[3]),
+                           per_sample_weights=weights.view(-1, bag), mode="sum")
+
+
+def _bags_to_output(out: Tensor, bag_shape) -> Tensor:
+    """Bag sums ``[B*M*Lq, Dh]`` (bags ordered (b, m, q)) -> ``[B, Lq, M * Dh]``."""
+    batch, heads, num_queries = bag_shape[:3]
+    return out.view(batch, heads, num_queries, -1).transpose(1, 2).reshape(batch, num_queries, -1)
+
+
+#: bags per block of the gather in :meth:`_BagSampling.backward` (a few MB of gathered rows)
+_GATHER_BLOCK = 1024
+
+
+class _BagSampling(torch.autograd.Function):
+    """:func:`_sample_bags` with a CPU backward.
+
+    Forward: one weighted ``embedding_bag`` (no ``[B*M, Dh, Lq, L*P]`` sample tensor); saved for
+    the backward: the value, the rows and weights of the bags and the query-minor inputs.
+
+    Backward, with ``g`` the output gradient of a bag and ``v`` the value rows of its entries:
+
+    * the weight of every entry gets ``<g, v>``: its rows are gathered in blocks of bags and
+      multiplied with ``g``;
+    * the value table gets, for every row, the sum of ``weight * g`` over the entries that read
+      it: sorting the sampling points turns this scatter into weighted ``embedding_bag`` sums
+      like the forward's, on the output gradient as table (:func:`_value_gradient`);
+    * the attention weights and locations follow from the entry gradients: the sum of the four
+      corners times their bilinear weights, and the derivative of the bilinear weights
+      (``+-1`` per pixel along one axis times the weight along the other, zero for corners
+      outside the map, as ``grid_sample`` with zero padding), times the attention weight and
+      the map size (locations are normalised).
+    """
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, loc_x, loc_y, attention_weights):
+        with torch.autocast("cpu", enabled=False):
+            indices, weights = _bag_layout(value.shape, spatial_shapes, loc_x, loc_y, attention_weights)
+            out = _bags_to_output(_embedding_bag_sum(value, indices, weights), indices.shape)
+        ctx.save_for_backward(value, spatial_shapes, loc_x, loc_y, attention_weights, indices, weights)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        value, spatial_shapes, loc_x, loc_y, attention_weights, indices, weights = ctx.saved_tensors
+        need_value, _, need_x, need_y, need_weights = ctx.needs_input_grad
+        grad_value = grad_x = grad_y = grad_weights = None
+        with torch.autocast("cpu", enabled=False):
+            head_dim = value.shape[3]
+            bag_shape = indices.shape
+            bag = bag_shape[3] * bag_shape[4] * bag_shape[5]
+            batch, heads, num_queries = bag_shape[:3]
+            # one row per bag, bags ordered (b, m, q)
+            grad_rows = grad_out.to(value.dtype).view(batch, num_queries, heads, head_dim).transpose(1, 2)
+            grad_rows = grad_rows.reshape(-1, head_dim)
+            rows = indices.view(-1, bag)
+            table = value.reshape(-1, head_dim)
+            shapes = spatial_shapes.to(dtype=torch.long)
+            ix, iy, fx, fy, (in_x0, in_x1, in_y0, in_y1), heights, widths = _bilinear_corners(
+                loc_x, loc_y, shapes, indices.dtype)
+            if need_value:
+                grad_value = _value_gradient(grad_rows, weights, ix, iy, shapes, value.shape)
+            if need_x or need_y or need_weights:
+                grad_entries = torch.empty(rows.shape, dtype=value.dtype)
+                for start in range(0, rows.shape[0], _GATHER_BLOCK):
+                    block = slice(start, start + _GATHER_BLOCK)
+                    gathered = table.index_select(0, rows[block].reshape(-1)).view(-1, bag, head_dim)
+                    torch.sum(gathered.mul_(grad_rows[block, None]), dim=2, out=grad_entries[block])
+                # [B, M, Lq, 4, L, P] -> [4, B, M, L, P, Lq], the layout of the inputs
+                g00, g01, g10, g11 = grad_entries.view(bag_shape).permute(3, 0, 1, 4, 5, 2).contiguous()
+                wx0, wx1 = (1 - fx) * in_x0, fx * in_x1
+                wy0, wy1 = (1 - fy) * in_y0, fy * in_y1
+                along_y0 = g00 * wx0 + g01 * wx1  # the entry gradients summed along x, per row
+                along_y1 = g10 * wx0 + g11 * wx1
+                if need_weights:
+                    grad_weights = wy0 * along_y0 + wy1 * along_y1
+                if need_x:
+                    # d/dx of (1 - fx) is -1 and of fx is +1; x = loc_x * W - 0.5
+                    dx = wy0 * (g01 * in_x1 - g00 * in_x0) + wy1 * (g11 * in_x1 - g10 * in_x0)
+                    grad_x = dx.mul_(attention_weights).mul_(widths.to(dx.dtype))
+                if need_y:
+                    dy = along_y1 * in_y1 - along_y0 * in_y0
+                    grad_y = dy.mul_(attention_weights).mul_(heights.to(dy.dtype))
+        return grad_value, None, grad_x, grad_y, grad_weights
+
+
+def _value_gradient(grad_rows: Tensor, weights: Tensor, ix: Tensor, iy: Tensor, shapes: Tensor,
+                    value_shape) -> Tensor:
+    """Gradient of the value table, ``[B, S, M, Dh]``: every value row gets the sum of
+    ``weight * grad_rows[bag]`` over the bag entries that read it.
+
+    The scatter is turned into a gather: the sampling points are sorted by their top-left
+    corner, which makes every corner of a point a bag of a weighted ``embedding_bag`` over the
+    output gradient. Sorting points rather than entries (a quarter of them) works because the
+    four corners of a point sit at fixed offsets from the top-left one in a map padded by one
+    pixel on every side: clamped to ``[-1, W-1] x [-1, H-1]`` (a point beyond that has weight
+    zero at all its corners), that corner is a padded pixel whose right and lower neighbours
+    exist. One ``embedding_bag`` per corner type sums into the padded top-left pixels; each
+    sum is then added, shifted by the corner's offset and cropped, to the value gradient.
+
+    ``grad_rows``: ``[B*M*Lq, Dh]`` (bag order); ``weights``: ``[B, M, Lq, 4, L, P]`` as in
+    :func:`_bag_layout`; ``ix``, ``iy``: top-left corners ``[B, M, L, P, Lq]``.
+    """
+    batch, _, heads, head_dim = value_shape
+    num_levels, num_points = weights.shape[4:]
     level = (1, 1, num_levels, 1, 1)
-    heights, widths = shapes[:, 0].to(index_dtype).view(level), shapes[:, 1].to(index_dtype).view(level)
-    starts = torch.cat((shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1])).to(index_dtype)
-    # pixel coordinates, pixel centres at integers (align_corners=False)
-    x = loc_x * widths.to(loc_x.dtype) - 0.5
-    y = loc_y * heights.to(loc_y.dtype) - 0.5
-    x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    ix, iy = x0.to(index_dtype), y0.to(index_dtype)
-    # weight of each column / row (the attention weight folded into the rows), zero outside the
-    # map (zero padding); a corner of weight zero may read any row, so indices are clamped
-    wx0 = (1 - fx) * ((ix >= 0) & (ix < widths))
-    wx1 = fx * ((ix >= -1) & (ix < widths - 1))
-    wy0 = (1 - fy) * attention_weights * ((iy >= 0) & (iy < heights))
-    wy1 = fy * attention_weights * ((iy >= -1) & (iy < heights - 1))
-    col0 = torch.minimum(ix.clamp(min=0), widths - 1) * heads
-    col1 = torch.minimum((ix + 1).clamp(min=0), widths - 1) * heads
-    # row of (b, level, y, m) in the value table: (b * S + start_l + y * W_l) * M + m
-    base = (torch.arange(batch, dtype=index_dtype, device=value.device).view(batch, 1, 1) * num_values
-            + starts.view(1, 1, num_levels)) * heads + torch.arange(heads, dtype=index_dtype, device=value.device).view(1, heads, 1)
-    base = base.view(batch, heads, num_levels, 1, 1)
-    row_step = widths * heads
-    row0 = base + torch.minimum(iy.clamp(min=0), heights - 1) * row_step
-    row1 = base + torch.minimum((iy + 1).clamp(min=0), heights - 1) * row_step
-    # One bag of 4 * L * P rows per output vector, bags ordered (b, m, q): the corners are
-    # stacked query-minor, then each (b, m) block is transposed once ([4*L*P, Lq] -> [Lq, 4*L*P]);
-    # the output comes back as [B, M, Lq, Dh] and is put in query-major order below (6 times
-    # less data to move than transposing the indices and weights into (b, q, m) bags)
-    corners = ((row0, col0, wy0, wx0), (row0, col1, wy0, wx1), (row1, col0, wy1, wx0), (row1, col1, wy1, wx1))
-    bag = 4 * num_levels * num_points
-    indices = torch.stack([row + col for row, col, _, _ in corners], dim=2)
-    weights = torch.stack([wy * wx for _, _, wy, wx in corners], dim=2)
-    indices, weights = (t.view(batch * heads, bag, num_queries).transpose(1, 2).reshape(-1, bag)
-                        for t in (indices, weights))
-    out = F.embedding_bag(indices, value.reshape(-1, head_dim), per_sample_weights=weights, mode="sum")
-    out = out.view(batch, heads, num_queries, head_dim).transpose(1, 2)
-    return out.reshape(batch, num_queries, heads * head_dim)
+    heights, widths = shapes[:, 0], shapes[:, 1]
+    padded_sizes = (heights + 2) * (widths + 2)
+    padded_starts = torch.cat((padded_sizes.new_zeros(1), padded_sizes.cumsum(0)[:-1]))
+    num_padded = int(padded_sizes.sum())
+    index_dtype = ix.dtype if batch * num_padded * heads < 2**31 - 1 else torch.long
+    px = torch.minimum(ix.clamp(min=-1), (widths - 1).to(ix.dtype).view(level)).to(index_dtype) + 1
+    py = torch.minimum(iy.clamp(min=-1), (heights - 1).to(iy.dtype).view(level)).to(index_dtype) + 1
+    # row of (b, level, py, px, m) in the padded table, in bag order [B, M, Lq, L, P]
+    base = ((torch.arange(batch, dtype=index_dtype).view(batch, 1, 1) * num_padded
+             + padded_starts.to(index_dtype).view(1, 1, num_levels)) * heads
+            + torch.arange(heads, dtype=index_dtype).view(1, heads, 1))
+    rows = (py * (widths + 2).to(index_dtype).view(level) + px) * heads + base.view(batch, heads, num_levels, 1, 1)
+    sorted_rows, order = rows.permute(0, 1, 4, 2, 3).reshape(-1).sort()
+    offsets = torch.searchsorted(sorted_rows, torch.arange(batch * num_padded * heads, dtype=sorted_rows.dtype))
+    offsets = offsets.to(order.dtype)
+    bags = torch.div(order, num_levels * num_points, rounding_mode="floor")
+    grad_value = torch.zeros(value_shape, dtype=grad_rows.dtype)
+    starts = torch.cat((heights.new_zeros(1), (heights * widths).cumsum(0)[:-1]))
+    for corner in range(4):
+        dy, dx = divmod(corner, 2)
+        corner_weights = weights[:, :, :, corner].reshape(-1).index_select(0, order)
+        summed = F.embedding_bag(bags, grad_rows, offsets, per_sample_weights=corner_weights, mode="sum")
+        summed = summed.view(batch, num_padded, heads, head_dim)
+        for lvl in range(num_levels):
+            h, w, start, padded_start = (int(t[lvl]) for t in (heights, widths, starts, padded_starts))
+            # value pixel (y, x) is the corner (dy, dx) of padded top-left pixel (y + 1 - dy, x + 1 - dx)
+            padded = summed[:, padded_start:padded_start + (h + 2) * (w + 2)].view(batch, h + 2, w + 2, heads, head_dim)
+            grad_value[:, start:start + h * w].view(batch, h, w, heads, head_dim).add_(
+                padded[:, 1 - dy:h + 1 - dy, 1 - dx:w + 1 - dx])
+    return grad_value
 
 
 def _deformable_attention(attn: MSDeformAttn, query: Tensor, reference_points: Tensor, src: Tensor,
                           spatial_shapes: Tensor, level_start_index: Tensor,
                           padding_mask: Optional[Tensor]) -> Tensor:
     """``attn(query, reference_points, src, ...)``, with :func:`_sample_bags` as the sampling
-    core for CPU tensors when no gradient is needed (inference, a frozen pixel decoder) and the
-    selected implementation is ``pytorch`` (what ``auto`` picks on CPU); the module's own
-    forward, unchanged, everywhere else (so an explicitly selected kernel runs, or refuses CPU
-    inputs, as :func:`.ms_deform_attn.ms_deform_attn` decides). ``embedding_bag``'s backward (a
-    sort of every index) is slower on CPU than ``grid_sample``'s, so a trainable pixel decoder
-    keeps the ``grid_sample`` core.
+    core for CPU tensors when the selected implementation is ``pytorch`` (what ``auto`` picks
+    on CPU), with or without gradients (inference, a frozen or a trainable pixel decoder); the
+    module's own forward, unchanged, everywhere else (so an explicitly selected kernel runs, or
+    refuses CPU inputs, as :func:`.ms_deform_attn.ms_deform_attn` decides).
 
     The sampling offsets and attention logits are computed query-minor (``W @ query^T``, one
-    matrix product for both), the layout :func:`_sample_bags` works in; the softmax runs over
-    the ``L * P`` axis of that layout.
+    matrix product for both, differentiable in the two linear layers and the query), the layout
+    :func:`_sample_bags` works in; the softmax runs over the ``L * P`` axis of that layout.
     """
-    needs_grad = torch.is_grad_enabled() and (
-        query.requires_grad or src.requires_grad or any(p.requires_grad for p in attn.parameters())
-    )
-    if src.device.type != "cpu" or needs_grad or resolve_ms_deform_attn_impl(src.device) != "pytorch":
+    if src.device.type != "cpu" or resolve_ms_deform_attn_impl(src.device) != "pytorch":
         return attn(query, reference_points, src, spatial_shapes, level_start_index, padding_mask)
     batch, num_queries, _ = query.shape
     heads, levels, points = attn.n_heads, attn.n_levels, attn.n_points
