@@ -116,9 +116,14 @@ def _bag_layout(value_shape, spatial_shapes: Tensor, loc_x: Tensor, loc_y: Tenso
     row1 = base + torch.minimum((iy + 1).clamp(min=0), heights - 1) * row_step
     corners = ((row0, col0, wy0, wx0), (row0, col1, wy0, wx1), (row1, col0, wy1, wx0), (row1, col1, wy1, wx1))
     bag = 4 * num_levels * num_points
+    # the corners written in place into [B, M, 4, L, P, Lq] (no autograd here: callers run this
+    # without gradients, see _sample_bags and _BagSampling)
+    indices = torch.empty((batch, heads, 4, num_levels, num_points, num_queries), dtype=index_dtype, device=device)
+    weights = torch.empty(indices.shape, dtype=wx0.dtype, device=device)
+    for corner, (row, col, wy, wx) in enumerate(corners):
+        torch.add(row, col, out=indices[:, :, corner])
+        torch.mul(wy, wx, out=weights[:, :, corner])
     bag_shape = (batch, heads, num_queries, 4, num_levels, num_points)
-    indices = torch.stack([row + col for row, col, _, _ in corners], dim=2)  # [B, M, 4, L, P, Lq]
-    weights = torch.stack([wy * wx for _, _, wy, wx in corners], dim=2)
     return tuple(t.view(batch * heads, bag, num_queries).transpose(1, 2).contiguous().view(bag_shape)
                  for t in (indices, weights))
 
