@@ -159,3 +159,42 @@ def test_a_new_run_keeps_the_earlier_one(tmp_path):
     (out / "vis").mkdir()
     assert bench.set_aside_previous_run(str(out), delete=True) is None
     assert not (out / "vis").exists() and (out / "previous" / "20260101-000000").is_dir()
+
+
+def test_opts_reach_every_training_and_evaluation_command(tmp_path, monkeypatch):
+    """``--opts KEY VALUE ...`` ends up on every train_continual.py command of 6_2.sh (step 0, the
+    ECLIPSE steps, the final evaluation): the real script runs with a stub interpreter that only
+    records its arguments (no training)."""
+    calls = tmp_path / "calls.txt"
+    stub = tmp_path / "python"
+    stub.write_text(f"""#!/usr/bin/env bash
+printf '%s\\n' "$*" >> {calls}
+if [ "$2" = continual.config ]; then d={tmp_path}/step; mkdir -p "$d"; touch "$d/model_final.pth"; echo "$d"; fi
+""")
+    stub.chmod(0o755)
+
+    class Stop(Exception):
+        pass
+
+    real_run_script = bench.run_script
+
+    def run_once(env, *args):
+        real_run_script(env, *args)
+        raise Stop  # the ECLIPSE run is all this test needs (no metrics to summarise)
+
+    monkeypatch.setattr(bench, "ensure_data", lambda root, *a: os.makedirs(os.path.join(root, "synthetic")))
+    monkeypatch.setattr(bench, "run_script", run_once)
+    with pytest.raises(Stop):
+        bench.main(["--output", str(tmp_path / "out"), "--skip-baseline", "--num-vis", "0", "--threads", "1",
+                    "--python", str(stub),
+                    "--opts", "MODEL.CPU_BF16", "True", "SOLVER.AMP.ENABLED", "False"])
+    commands = [line for line in calls.read_text().splitlines() if "train_continual.py" in line]
+    assert len(commands) == 4  # step 0, steps 1 and 2, final evaluation
+    assert sum("--eval-only" in c for c in commands) == 1
+    for command in commands:
+        assert command.endswith("MODEL.CPU_BF16 True SOLVER.AMP.ENABLED False")
+
+    for bad in (["MODEL.CPU_BF16"], ["CONT.LOGIT_MANI_DELTAS", "[0.4, 0.6]"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--opts"] + bad)
+    assert bench.parse_args([]).opts == []

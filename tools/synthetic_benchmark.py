@@ -586,7 +586,15 @@ def parse_args(argv=None):
     p.add_argument("--overwrite", action="store_true",
                    help="delete the outputs of an earlier run in --output (default: move them to <output>/previous/)")
     p.add_argument("--check", action="store_true", help="exit with code 1 when a benchmark expectation fails")
-    return p.parse_args(argv)
+    p.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                   help="config overrides (KEY VALUE pairs) appended to every training and evaluation command of "
+                        "every method, e.g. --opts MODEL.CPU_BF16 True")
+    args = p.parse_args(argv)
+    if len(args.opts) % 2:
+        p.error(f"--opts takes KEY VALUE pairs, got an odd number of words: {' '.join(args.opts)}")
+    if any(not word or any(c.isspace() for c in word) for word in args.opts):
+        p.error("--opts: keys and values may not be empty or contain spaces (the scripts split them on spaces)")
+    return args
 
 
 def _estimates(settings: Mapping[str, str], preset: Mapping, threads: int) -> Dict[str, float]:
@@ -651,7 +659,7 @@ def main(argv=None) -> int:
     settings.update(FT_ITERS=ft_iters, FT_LR=ft_lr)
     if args.joint:
         settings["JOINT_ITERS"] = str(args.joint_iters or preset["joint_iters"] or settings["STEP0_ITERS"])
-    env["EXTRA_ARGS"] = " ".join(["CONT.RESULTS_DIR", results_dir] + list(preset["extra"]))
+    env["EXTRA_ARGS"] = " ".join(["CONT.RESULTS_DIR", results_dir] + list(preset["extra"]) + list(args.opts))
 
     stages = [Stage("data", "synthetic data"),
               Stage("step0", f"step 0: {settings['BASE']} base classes"),
@@ -757,11 +765,13 @@ def main(argv=None) -> int:
         text += ["Checks:", "", "```", format_checks(summary["checks"]), "```", ""]
     text += [f"Wall time {_clock(wall)} ({wall:.0f} s), {threads} thread(s). Settings: " +
              ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) + "; data: " +
-             ", ".join(f"{k}={preset[k]}" for k in ("num_train", "num_val", "size", "max_things"))]
+             ", ".join(f"{k}={preset[k]}" for k in ("num_train", "num_val", "size", "max_things"))
+             + (f"; config overrides: {' '.join(args.opts)}" if args.opts else "")]
     with open(os.path.join(output, "summary.md"), "w") as f:
         f.write("\n".join(text) + "\n")
     summary.update(wall_seconds=round(wall, 1), threads=threads, settings=settings,
-                   data={k: preset[k] for k in ("num_train", "num_val", "size", "max_things")}, quick=args.quick)
+                   data={k: preset[k] for k in ("num_train", "num_val", "size", "max_things")}, quick=args.quick,
+                   opts=list(args.opts))
     with open(os.path.join(output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
