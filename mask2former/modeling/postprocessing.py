@@ -196,7 +196,10 @@ def _kept_queries(
     whose score is above the threshold, in query order."""
     scores, labels = class_scores_and_labels(mask_cls, use_sigmoid)
     keep = _keep_rule(scores, labels, num_classes, object_mask_threshold)
-    return scores[keep], labels[keep], mask_pred[keep].sigmoid_()  # the boolean index made a copy
+    # index_select copies whole maps (a boolean index gathers element by element); the copy
+    # then takes the sigmoid in place
+    kept = keep.nonzero().squeeze(1)
+    return scores[kept], labels[kept], mask_pred.index_select(0, kept).sigmoid_()
 
 
 def _keep_rule(scores: torch.Tensor, labels: torch.Tensor, num_classes: int, object_mask_threshold: float) -> torch.Tensor:

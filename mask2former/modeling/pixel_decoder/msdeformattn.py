@@ -314,7 +314,7 @@ def _deformable_attention(attn: MSDeformAttn, query: Tensor, reference_points: T
     value = attn.value_proj(src)
     # at least fp32 sampling locations and sampling, also under bfloat16 autocast
     work = torch.promote_types(value.dtype, torch.float32)
-    if padding_mask is not None:
+    if padding_mask is not None and bool(padding_mask.any()):  # nothing to zero without padding
         value = value.masked_fill(padding_mask[..., None], 0.0)
     value = value.view(batch, src.shape[1], heads, attn.d_model // heads).to(work)
     # [B, M*L*P*2 + M*L*P, Lq]: offsets (x, y) then attention logits, queries last
@@ -720,7 +720,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
             x = features[name].float()
             lateral = self.lateral_convs[idx](x)
-            merged = lateral + F.interpolate(outs[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            # outs[-1] is a transposed view of the encoder memory (channel stride 1): on CPU,
+            # resizing that layout and adding it to the channel-major lateral map costs several
+            # times more than one copy to channel-major first
+            coarser = outs[-1].contiguous()
+            merged = lateral + F.interpolate(coarser, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             outs.append(self.output_convs[idx](merged))
 
         multi_scale_features = outs[: self.maskformer_num_feature_levels]
