@@ -463,3 +463,27 @@ def test_encoder_layer_gradients_match_module_forward(monkeypatch, with_padding)
     for name, a, b in zip(names, new, ref):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
 
+
+
+@pytest.mark.parametrize("zero_rows", [(), (0, 2, 3), (0, 1, 2, 3, 4)])
+def test_mask_logits_gradients_skip_zero_rows_exactly(zero_rows):
+    """The mask product's backward over the queries with a gradient equals the full einsum's
+    (float64), with some, none or all rows of an image's gradient zero."""
+    from mask2former.modeling.transformer_decoder.layers import _MaskLogits, mask_logits
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    feats = torch.randn(2, 6, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    grad = torch.randn(2, 5, 4, 3, dtype=torch.float64, generator=g)
+    grad[0, list(zero_rows)] = 0
+    out = mask_logits(emb, feats)
+    assert out.grad_fn is not None and "_MaskLogits" in type(out.grad_fn).__name__
+    ref = torch.einsum("bqc,bchw->bqhw", emb, feats)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, (emb, feats), grad), torch.autograd.grad(ref, (emb, feats), grad)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    # only the features need a gradient (a frozen mask head)
+    out = _MaskLogits.apply(emb.detach(), feats)
+    ref = torch.einsum("bqc,bchw->bqhw", emb.detach(), feats)
+    torch.testing.assert_close(torch.autograd.grad(out, feats, grad)[0],
+                               torch.autograd.grad(ref, feats, grad)[0], atol=1e-12, rtol=1e-12)

@@ -147,8 +147,8 @@ def previous_cpu_paths(model):
     * every decoder layer's class logits and full-resolution masks
       (``full_intermediate_predictions``), the attention masks resized with ``F.interpolate``
       from full-resolution mask logits, a bool attention mask repeated for every head, one
-      mask-head call per query group, and the official per-group self-attention loop at
-      inference (:func:`official_per_group_loop`);
+      mask-head call per query group, the mask einsum's full backward, and the official
+      per-group self-attention loop at inference (:func:`official_per_group_loop`);
     * decoder memory tokens in the official ``[HW, B, C]`` permuted (non-contiguous) layout;
     * the ``grid_sample`` deformable-attention core (``MSDeformAttn.forward``);
     * the crop/resize pass of the post-processing even when it is the identity, and its
@@ -184,7 +184,8 @@ def previous_cpu_paths(model):
     names = ((msdeformattn, "_deformable_attention", grid_sample_attention),
              (postprocessing, "inference_mask_input", mask_input),
              (postprocessing, "_best_query", best_query),
-             (decoder_module, "resize_bilinear", interpolate))
+             (decoder_module, "resize_bilinear", interpolate),
+             (decoder_module, "mask_logits", lambda emb, features: torch.einsum("bqc,bchw->bqhw", emb, features)))
     saved = [getattr(module, name) for module, name, _ in names]
     for module, name, previous in names:
         setattr(module, name, previous)

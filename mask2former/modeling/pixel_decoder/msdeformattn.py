@@ -391,8 +391,7 @@ class DeformableEncoderLayer(nn.Module):
         )
         src = self.norm1(src + self.dropout1(attended))
 
-        # in place: the [B, S, dim_feedforward] product is new and its backward needs only the ReLU output
-        hidden = self.dropout2(F.relu(self.linear1(src), inplace=True))
+        hidden = self.dropout2(F.relu(self.linear1(src)))
         src = self.norm2(src + self.dropout3(self.linear2(hidden)))
         return src
 

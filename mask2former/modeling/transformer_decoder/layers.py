@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MLP", "StackedMLPs", "resize_bilinear"]
+__all__ = ["SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MLP", "StackedMLPs", "resize_bilinear", "mask_logits"]
 
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -195,3 +195,51 @@ def resize_bilinear(x: Tensor, size: Tuple[int, int]) -> Tensor:
             following = x.narrow(dim, first + 1, x.shape[dim] - first - 1)
             x = (picked[tuple(index)] + following[tuple(index)]) * 0.5
     return x
+
+
+class _MaskLogits(torch.autograd.Function):
+    """``einsum("bqc,bchw->bqhw", embeddings, features)`` whose backward skips the queries of
+    an image whose output gradient is zero everywhere.
+
+    In training only the matched queries' masks enter a loss, so most rows of the gradient are
+    zero; the two gradient products then run over the other rows only (the skipped rows
+    contribute exact zeros; only the float summation order changes).
+    """
+
+    @staticmethod
+    def forward(ctx, embeddings: Tensor, features: Tensor) -> Tensor:
+        ctx.save_for_backward(embeddings, features)
+        return torch.einsum("bqc,bchw->bqhw", embeddings, features)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        embeddings, features = ctx.saved_tensors
+        need_embeddings, need_features = ctx.needs_input_grad
+        batch, _, height, width = grad.shape
+        grad = grad.reshape(batch, grad.shape[1], height * width)
+        flat = features.reshape(batch, features.shape[1], height * width)
+        grad_embeddings = torch.zeros_like(embeddings) if need_embeddings else None
+        grad_features = torch.zeros_like(flat) if need_features else None
+        for b in range(batch):
+            rows = grad[b].ne(0).any(dim=1).nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            g = grad[b].index_select(0, rows)
+            if need_embeddings:
+                grad_embeddings[b].index_copy_(0, rows, g @ flat[b].t())
+            if need_features:
+                grad_features[b] = embeddings[b].index_select(0, rows).t() @ g
+        if grad_features is not None:
+            grad_features = grad_features.view(features.shape)
+        return grad_embeddings, grad_features
+
+
+def mask_logits(embeddings: Tensor, features: Tensor) -> Tensor:
+    """``[B, Q, C] x [B, C, H, W] -> [B, Q, H, W]`` mask logits; when a gradient is needed
+    (and no autocast is active), through :class:`_MaskLogits`, whose backward skips the
+    queries without a gradient."""
+    if torch.is_grad_enabled() and (embeddings.requires_grad or features.requires_grad) \
+            and not torch.is_autocast_enabled(embeddings.device.type):
+        return _MaskLogits.apply(embeddings, features)
+    return torch.einsum("bqc,bchw->bqhw", embeddings, features)

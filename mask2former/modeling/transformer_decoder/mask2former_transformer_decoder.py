@@ -25,7 +25,7 @@ from fvcore.nn import weight_init
 from torch import Tensor, nn
 
 from .classifier import IncrementalClassifier
-from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, StackedMLPs, resize_bilinear
+from .layers import MLP, CrossAttentionLayer, FFNLayer, SelfAttentionLayer, StackedMLPs, mask_logits, resize_bilinear
 from .logit_manipulation import manipulate_logits, parse_logit_deltas
 from .position_encoding import PositionEmbeddingSine
 
@@ -439,10 +439,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         if self.training and self.has_prompts and len(self.prompt_no_obj_embed):
             self._training_no_object_heads(class_logits, decoded)
         mask_emb = self._mask_embeddings(decoded, heads)
-        mask_logits = torch.einsum("bqc,bchw->bqhw", mask_emb, mask_features)
+        masks = mask_logits(mask_emb, mask_features)
         if attn_size is None:
-            return class_logits, mask_logits, None
-        return class_logits, mask_logits, self._blocked(resize_bilinear(mask_logits, attn_size))
+            return class_logits, masks, None
+        return class_logits, masks, self._blocked(resize_bilinear(masks, attn_size))
 
     def _attention_mask_low_res(self, output: Tensor, mask_features: Tensor, attn_size, heads,
                                 cache: Dict[Tuple[int, int], Tensor]) -> Optional[Tensor]:
