@@ -390,10 +390,21 @@ class DeformableEncoderLayer(nn.Module):
             self.self_attn, query, reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
         src = self.norm1(src + self.dropout1(attended))
+        if torch.is_grad_enabled() or (self.training and (self.dropout2.p > 0 or self.dropout3.p > 0)):
+            return self._feed_forward(src)
+        # Without autograd or dropout, in blocks of rows: the [rows, dim_feedforward]
+        # activations of a block stay in cache instead of a fresh [B*S, dim_feedforward]
+        # tensor per layer (same values, row by row).
+        flat = src.reshape(-1, src.shape[-1])
+        blocks = [self._feed_forward(flat[i:i + self.FFN_BLOCK_ROWS]) for i in range(0, flat.shape[0], self.FFN_BLOCK_ROWS)]
+        return torch.cat(blocks).view(src.shape)
 
+    #: rows per block of the feed-forward sublayer without autograd (see forward)
+    FFN_BLOCK_ROWS = 512
+
+    def _feed_forward(self, src: Tensor) -> Tensor:
         hidden = self.dropout2(F.relu(self.linear1(src)))
-        src = self.norm2(src + self.dropout3(self.linear2(hidden)))
-        return src
+        return self.norm2(src + self.dropout3(self.linear2(hidden)))
 
 
 class DeformableEncoder(nn.Module):
