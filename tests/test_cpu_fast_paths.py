@@ -252,16 +252,22 @@ def test_best_query_is_the_argmax_with_first_query_on_ties(num_queries):
     assert torch.equal(_best_query(scores, masks), expected)
 
 
-def test_cpu_fast_path_only_for_the_pytorch_implementation(monkeypatch):
-    """The embedding_bag core stands in for the ``pytorch`` implementation only: an explicitly
-    selected kernel still decides for itself (here: ``cuda_ext`` refuses CPU inputs)."""
-    fixture = REFERENCE_FIXTURES[0]
-    _, model = build_fixture_model(str(fixture))
-    pixel_decoder = model.sem_seg_head.pixel_decoder.eval()
-    feats = _load(str(fixture), "backbone_features.pt")["infer"]
+def _counted_pixel_decoder(monkeypatch, train: bool):
+    """A fixture model's pixel decoder (train or eval mode), its input features, and the list
+    that records each call of the embedding_bag core."""
+    _, model = build_fixture_model(str(REFERENCE_FIXTURES[0]))
+    pixel_decoder = model.sem_seg_head.pixel_decoder.train(train)
+    feats = _load(str(REFERENCE_FIXTURES[0]), "backbone_features.pt")["infer"]
     calls = []
     original = msdeformattn._sample_bags
     monkeypatch.setattr(msdeformattn, "_sample_bags", lambda *a: calls.append(1) or original(*a))
+    return pixel_decoder, feats, calls
+
+
+def test_cpu_fast_path_only_for_the_pytorch_implementation(monkeypatch):
+    """The embedding_bag core stands in for the ``pytorch`` implementation only: an explicitly
+    selected kernel still decides for itself (here: ``cuda_ext`` refuses CPU inputs)."""
+    pixel_decoder, feats, calls = _counted_pixel_decoder(monkeypatch, train=False)
     monkeypatch.setenv(ENV_VAR, "pytorch")
     with torch.no_grad():
         pixel_decoder.forward_features(feats)
@@ -356,15 +362,11 @@ def test_semantic_and_panoptic_share_one_pixel_assignment():
     pan, info = pp.panoptic_inference(mask_cls, mask_pred, 3, frozenset({1}))
     assert torch.equal(out["sem_seg"], sem) and torch.equal(out["panoptic_seg"][0], pan)
     assert out["panoptic_seg"][1] == info
+
+
 def test_trainable_path_only_for_the_pytorch_implementation(monkeypatch):
     """With gradients too, an explicitly selected kernel decides for itself."""
-    fixture = REFERENCE_FIXTURES[0]
-    _, model = build_fixture_model(str(fixture))
-    pixel_decoder = model.sem_seg_head.pixel_decoder.train()
-    feats = _load(str(fixture), "backbone_features.pt")["infer"]
-    calls = []
-    original = msdeformattn._sample_bags
-    monkeypatch.setattr(msdeformattn, "_sample_bags", lambda *a: calls.append(1) or original(*a))
+    pixel_decoder, feats, calls = _counted_pixel_decoder(monkeypatch, train=True)
     monkeypatch.setenv(ENV_VAR, "cuda_ext")
     with pytest.raises(ValueError, match="cuda_ext"):
         pixel_decoder.forward_features(feats)
