@@ -489,3 +489,12 @@ def test_mask_logits_gradients_skip_zero_rows_exactly(zero_rows):
     ref = torch.einsum("bqc,bchw->bqhw", emb.detach(), feats)
     torch.testing.assert_close(torch.autograd.grad(out, feats, grad)[0],
                                torch.autograd.grad(ref, feats, grad)[0], atol=1e-12, rtol=1e-12)
+
+
+def test_one_hot_map_equals_one_hot():
+    from mask2former.modeling.postprocessing import _one_hot_map
+
+    labels = torch.randint(0, 5, (7, 9), generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.one_hot(labels, 6).permute(2, 0, 1).float()
+    out = _one_hot_map(labels, 6)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)

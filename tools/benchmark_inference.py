@@ -151,8 +151,9 @@ def previous_cpu_paths(model):
       per-group self-attention loop at inference (:func:`official_per_group_loop`);
     * decoder memory tokens in the official ``[HW, B, C]`` permuted (non-contiguous) layout;
     * the ``grid_sample`` deformable-attention core (``MSDeformAttn.forward``);
-    * the crop/resize pass of the post-processing even when it is the identity, and its
-      ``argmax`` over the queries of the full-resolution score-times-probability stack.
+    * the crop/resize pass of the post-processing even when it is the identity, its
+      ``argmax`` over the queries of the full-resolution score-times-probability stack, and
+      ``F.one_hot`` for the semantic map.
     """
     def grid_sample_attention(attn, query, reference_points, src, shapes, start, padding_mask):
         return attn(query, reference_points, src, shapes, start, padding_mask)
@@ -184,6 +185,8 @@ def previous_cpu_paths(model):
     names = ((msdeformattn, "_deformable_attention", grid_sample_attention),
              (postprocessing, "inference_mask_input", mask_input),
              (postprocessing, "_best_query", best_query),
+             (postprocessing, "_one_hot_map",
+              lambda labels, channels: torch.nn.functional.one_hot(labels, channels).permute(2, 0, 1).float()),
              (decoder_module, "resize_bilinear", interpolate),
              (decoder_module, "mask_logits", lambda emb, features: torch.einsum("bqc,bchw->bqhw", emb, features)))
     saved = [getattr(module, name) for module, name, _ in names]

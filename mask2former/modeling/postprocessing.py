@@ -318,7 +318,15 @@ def semantic_inference(
         keep = torch.tensor(survives, dtype=torch.bool, device=labels.device)
         value_of_query = torch.where(keep, labels + 1, torch.zeros_like(labels))
         semseg = torch.where(in_segment, value_of_query[winner], semseg)
-    return F.one_hot(semseg, num_classes + 1).permute(2, 0, 1).float()
+    return _one_hot_map(semseg, num_classes + 1)
+
+
+def _one_hot_map(labels: torch.Tensor, channels: int) -> torch.Tensor:
+    """``F.one_hot(labels, channels).permute(2, 0, 1).float()`` for an [H, W] map, by scattering
+    ones into a float32 [channels, H, W] map (``F.one_hot`` builds an int64 [H, W, channels] map,
+    then permutes and converts it: several times the memory traffic)."""
+    out = torch.zeros((channels,) + tuple(labels.shape), device=labels.device)
+    return out.scatter_(0, labels.unsqueeze(0), 1.0)
 
 
 def semantic_inference_soft(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
