@@ -87,10 +87,11 @@ def _bag_layout(value_shape, spatial_shapes: Tensor, loc_x: Tensor, loc_y: Tenso
     the order (y0, x0), (y0, x1), (y1, x0), (y1, x1)). Inputs query-minor ``[B, M, L, P, Lq]``,
     as in :func:`_sample_bags`.
 
-    The bags are ordered (b, m, q) because the corners are computed query-minor: stacked, each
-    (b, m) block needs one transpose ``[4*L*P, Lq] -> [Lq, 4*L*P]``; bags ordered (b, q, m)
-    would need a strided copy per corner, and the sampled output, 6 times smaller than the
-    indices and weights, is what gets reordered instead."""
+    The bags are ordered (b, m, q) because the corners are computed query-minor: each corner's
+    product is written through a query-minor view of the bag tensor (a transposing write inside
+    the element-wise kernel, several times cheaper than a separate transposing copy), which
+    keeps the transposition within each (b, m) block; the sampled output, 6 times smaller than
+    the indices and weights, is what gets reordered to query-major instead."""
     batch, num_values, heads, _ = value_shape
     _, _, num_levels, num_points, num_queries = loc_x.shape
     device = loc_x.device
@@ -115,17 +116,17 @@ def _bag_layout(value_shape, spatial_shapes: Tensor, loc_x: Tensor, loc_y: Tenso
     row0 = base + torch.minimum(iy.clamp(min=0), heights - 1) * row_step
     row1 = base + torch.minimum((iy + 1).clamp(min=0), heights - 1) * row_step
     corners = ((row0, col0, wy0, wx0), (row0, col1, wy0, wx1), (row1, col0, wy1, wx0), (row1, col1, wy1, wx1))
-    bag = 4 * num_levels * num_points
-    # the corners written in place into [B, M, 4, L, P, Lq] (no autograd here: callers run this
-    # without gradients, see _sample_bags and _BagSampling)
-    indices = torch.empty((batch, heads, 4, num_levels, num_points, num_queries), dtype=index_dtype, device=device)
-    weights = torch.empty(indices.shape, dtype=wx0.dtype, device=device)
-    for corner, (row, col, wy, wx) in enumerate(corners):
-        torch.add(row, col, out=indices[:, :, corner])
-        torch.mul(wy, wx, out=weights[:, :, corner])
+    # each corner written straight into the bag layout [B, M, Lq, 4, L, P] through a view in the
+    # query-minor order of the inputs (no autograd here: callers run this without gradients,
+    # see _sample_bags and _BagSampling)
     bag_shape = (batch, heads, num_queries, 4, num_levels, num_points)
-    return tuple(t.view(batch * heads, bag, num_queries).transpose(1, 2).contiguous().view(bag_shape)
-                 for t in (indices, weights))
+    indices = torch.empty(bag_shape, dtype=index_dtype, device=device)
+    weights = torch.empty(bag_shape, dtype=wx0.dtype, device=device)
+    query_minor = (0, 1, 3, 4, 2)  # [B, M, Lq, L, P] -> [B, M, L, P, Lq]
+    for corner, (row, col, wy, wx) in enumerate(corners):
+        torch.add(row, col, out=indices[:, :, :, corner].permute(query_minor))
+        torch.mul(wy, wx, out=weights[:, :, :, corner].permute(query_minor))
+    return indices, weights
 
 
 def _sample_bags(
