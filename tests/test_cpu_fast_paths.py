@@ -498,3 +498,23 @@ def test_one_hot_map_equals_one_hot():
     expected = torch.nn.functional.one_hot(labels, 6).permute(2, 0, 1).float()
     out = _one_hot_map(labels, 6)
     assert out.dtype == torch.float32 and torch.equal(out, expected)
+
+
+def test_encoder_feed_forward_in_row_blocks_equals_whole(monkeypatch):
+    """Without autograd, the encoder layer's feed-forward sublayer runs in blocks of rows; the
+    output equals the one-pass computation (with autograd) for any block size."""
+    from mask2former.modeling.pixel_decoder.msdeformattn import DeformableEncoderLayer
+
+    torch.manual_seed(0)
+    layer = DeformableEncoderLayer(d_model=16, dim_feedforward=24, dropout=0.0, n_levels=2, n_heads=2,
+                                   n_points=2).eval()
+    spatial = torch.tensor([[4, 5], [2, 3]])
+    starts = torch.tensor([0, 20])
+    src, pos = torch.randn(2, 26, 16), torch.randn(2, 26, 16)
+    ref = torch.rand(2, 26, 2, 2)
+    whole = layer(src, pos, ref, spatial, starts)  # autograd on: one pass
+    assert whole.requires_grad
+    for rows in (7, 52, 1000):
+        monkeypatch.setattr(DeformableEncoderLayer, "FFN_BLOCK_ROWS", rows)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(src, pos, ref, spatial, starts), whole.detach(), atol=1e-6, rtol=1e-6)

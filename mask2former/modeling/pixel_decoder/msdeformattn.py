@@ -391,9 +391,10 @@ class DeformableEncoderLayer(nn.Module):
             self.self_attn, query, reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
         src = self.norm1(src + self.dropout1(attended))
-        if torch.is_grad_enabled() or (self.training and (self.dropout2.p > 0 or self.dropout3.p > 0)):
+        if src.device.type != "cpu" or torch.is_grad_enabled() or (
+                self.training and (self.dropout2.p > 0 or self.dropout3.p > 0)):
             return self._feed_forward(src)
-        # Without autograd or dropout, in blocks of rows: the [rows, dim_feedforward]
+        # On CPU without autograd or dropout, in blocks of rows: the [rows, dim_feedforward]
         # activations of a block stay in cache instead of a fresh [B*S, dim_feedforward]
         # tensor per layer (same values, row by row).
         flat = src.reshape(-1, src.shape[-1])
