@@ -304,6 +304,8 @@ def semantic_inference(
         mask_cls: [Q, C+1] class logits.
         mask_pred: [Q, H, W] mask logits.
         num_classes: C.
+        segments: the result of :func:`_segments` for these inputs, when the caller has it
+            (computed here otherwise).
 
     Returns:
         [C+1, H, W] float32 one-hot map: channel 0 = no segment, channel ``c+1`` = label ``c``.
@@ -372,6 +374,8 @@ def panoptic_inference(
             thing_ids``.
         category_offset: added to the 0-based label to give ``category_id`` (1 in ECLIPSE,
             whose label space has the void class at 0; 0 in plain Mask2Former).
+        segments: the result of :func:`_segments` for these inputs, when the caller has it
+            (computed here otherwise).
 
     Returns:
         panoptic_seg: [H, W] int32 segment ids, 0 = void.

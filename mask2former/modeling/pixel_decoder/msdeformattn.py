@@ -63,9 +63,15 @@ def deform_attn_cpu(
     return _sample_bags(value, spatial_shapes, loc[0], loc[1], attention_weights.permute(0, 2, 3, 4, 1).contiguous())
 
 
+def _starts(sizes: Tensor) -> Tensor:
+    """Offset of each level in the concatenation of levels of the given sizes (``[L]``)."""
+    return torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
+
+
 def _bilinear_corners(loc_x: Tensor, loc_y: Tensor, shapes: Tensor, index_dtype: torch.dtype):
-    """Integer top-left corner ``(ix, iy)``, fractions ``(fx, fy)`` and the in-map flags of the
-    two columns ``(ix, ix + 1)`` and rows ``(iy, iy + 1)`` of every sampling point, in the
+    """Integer top-left corner ``(ix, iy)`` of every sampling point, the in-map flags of its two
+    columns ``(ix, ix + 1)`` and rows ``(iy, iy + 1)``, and their bilinear weights
+    ``(wx0, wx1, wy0, wy1)``, zero for a column / row outside the map (zero padding); in the
     layout of ``loc_x`` / ``loc_y`` (``[B, M, L, P, Lq]``; ``shapes`` is ``[L, 2]`` long)."""
     num_levels = loc_x.shape[2]
     level = (1, 1, num_levels, 1, 1)
@@ -77,7 +83,9 @@ def _bilinear_corners(loc_x: Tensor, loc_y: Tensor, shapes: Tensor, index_dtype:
     ix, iy = x0.to(index_dtype), y0.to(index_dtype)
     inside = ((ix >= 0) & (ix < widths), (ix >= -1) & (ix < widths - 1),
               (iy >= 0) & (iy < heights), (iy >= -1) & (iy < heights - 1))
-    return ix, iy, x - x0, y - y0, inside, heights, widths
+    fx, fy = x - x0, y - y0
+    axis_weights = ((1 - fx) * inside[0], fx * inside[1], (1 - fy) * inside[2], fy * inside[3])
+    return ix, iy, inside, axis_weights, heights, widths
 
 
 def _bag_layout(value_shape, spatial_shapes: Tensor, loc_x: Tensor, loc_y: Tensor,
@@ -98,14 +106,11 @@ def _bag_layout(value_shape, spatial_shapes: Tensor, loc_x: Tensor, loc_y: Tenso
     shapes = spatial_shapes.to(device=device, dtype=torch.long)
     # int32 row numbers halve the index traffic; int64 only for tables beyond its range
     index_dtype = torch.int32 if batch * num_values * heads < 2**31 - 1 else torch.long
-    ix, iy, fx, fy, (in_x0, in_x1, in_y0, in_y1), heights, widths = _bilinear_corners(loc_x, loc_y, shapes, index_dtype)
-    starts = torch.cat((shapes.new_zeros(1), (shapes[:, 0] * shapes[:, 1]).cumsum(0)[:-1])).to(index_dtype)
-    # weight of each column / row (the attention weight folded into the rows), zero outside the
-    # map (zero padding); a corner of weight zero may read any row, so indices are clamped
-    wx0 = (1 - fx) * in_x0
-    wx1 = fx * in_x1
-    wy0 = (1 - fy) * attention_weights * in_y0
-    wy1 = fy * attention_weights * in_y1
+    ix, iy, _, (wx0, wx1, wy0, wy1), heights, widths = _bilinear_corners(loc_x, loc_y, shapes, index_dtype)
+    starts = _starts(shapes[:, 0] * shapes[:, 1]).to(index_dtype)
+    # the attention weight folded into the rows' weights; a corner of weight zero may read any
+    # row, so indices are clamped
+    wy0, wy1 = wy0 * attention_weights, wy1 * attention_weights
     col0 = torch.minimum(ix.clamp(min=0), widths - 1) * heads
     col1 = torch.minimum((ix + 1).clamp(min=0), widths - 1) * heads
     # row of (b, level, y, m) in the value table: (b * S + start_l + y * W_l) * M + m
@@ -215,7 +220,7 @@ class _BagSampling(torch.autograd.Function):
             rows = indices.view(-1, bag)
             table = value.reshape(-1, head_dim)
             shapes = spatial_shapes.to(dtype=torch.long)
-            ix, iy, fx, fy, (in_x0, in_x1, in_y0, in_y1), heights, widths = _bilinear_corners(
+            ix, iy, (in_x0, in_x1, in_y0, in_y1), (wx0, wx1, wy0, wy1), heights, widths = _bilinear_corners(
                 loc_x, loc_y, shapes, indices.dtype)
             if need_value:
                 grad_value = _value_gradient(grad_rows, weights, ix, iy, shapes, value.shape)
@@ -227,8 +232,6 @@ class _BagSampling(torch.autograd.Function):
                     torch.sum(gathered.mul_(grad_rows[block, None]), dim=2, out=grad_entries[block])
                 # [B, M, Lq, 4, L, P] -> [4, B, M, L, P, Lq], the layout of the inputs
                 g00, g01, g10, g11 = grad_entries.view(bag_shape).permute(3, 0, 1, 4, 5, 2).contiguous()
-                wx0, wx1 = (1 - fx) * in_x0, fx * in_x1
-                wy0, wy1 = (1 - fy) * in_y0, fy * in_y1
                 along_y0 = g00 * wx0 + g01 * wx1  # the entry gradients summed along x, per row
                 along_y1 = g10 * wx0 + g11 * wx1
                 if need_weights:
@@ -265,7 +268,7 @@ def _value_gradient(grad_rows: Tensor, weights: Tensor, ix: Tensor, iy: Tensor, 
     level = (1, 1, num_levels, 1, 1)
     heights, widths = shapes[:, 0], shapes[:, 1]
     padded_sizes = (heights + 2) * (widths + 2)
-    padded_starts = torch.cat((padded_sizes.new_zeros(1), padded_sizes.cumsum(0)[:-1]))
+    padded_starts = _starts(padded_sizes)
     num_padded = int(padded_sizes.sum())
     index_dtype = ix.dtype if batch * num_padded * heads < 2**31 - 1 else torch.long
     px = torch.minimum(ix.clamp(min=-1), (widths - 1).to(ix.dtype).view(level)).to(index_dtype) + 1
@@ -280,7 +283,7 @@ def _value_gradient(grad_rows: Tensor, weights: Tensor, ix: Tensor, iy: Tensor, 
     offsets = offsets.to(order.dtype)
     bags = torch.div(order, num_levels * num_points, rounding_mode="floor")
     grad_value = torch.zeros(value_shape, dtype=grad_rows.dtype)
-    starts = torch.cat((heights.new_zeros(1), (heights * widths).cumsum(0)[:-1]))
+    starts = _starts(heights * widths)
     for corner in range(4):
         dy, dx = divmod(corner, 2)
         corner_weights = weights[:, :, :, corner].reshape(-1).index_select(0, order)
@@ -346,6 +349,9 @@ class DeformableEncoderLayer(nn.Module):
     ``x = norm1(x + attn(x + pos, x)); x = norm2(x + linear2(relu(linear1(x))))``
     """
 
+    #: rows per block of the feed-forward sublayer on CPU without autograd (see forward)
+    FFN_BLOCK_ROWS = 512
+
     def __init__(
         self,
         d_model: int = 256,
@@ -400,9 +406,6 @@ class DeformableEncoderLayer(nn.Module):
         flat = src.reshape(-1, src.shape[-1])
         blocks = [self._feed_forward(flat[i:i + self.FFN_BLOCK_ROWS]) for i in range(0, flat.shape[0], self.FFN_BLOCK_ROWS)]
         return torch.cat(blocks).view(src.shape)
-
-    #: rows per block of the feed-forward sublayer without autograd (see forward)
-    FFN_BLOCK_ROWS = 512
 
     def _feed_forward(self, src: Tensor) -> Tensor:
         hidden = self.dropout2(F.relu(self.linear1(src)))
@@ -538,7 +541,7 @@ class MSDeformAttnEncoderOnly(nn.Module):
 
         spatial_shapes = torch.as_tensor([tuple(s) for s in shapes], dtype=torch.long, device=src_flat.device)
         sizes = spatial_shapes.prod(1)
-        level_start_index = torch.cat((sizes.new_zeros(1), sizes.cumsum(0)[:-1]))
+        level_start_index = _starts(sizes)
         valid_ratios = torch.stack([self.get_valid_ratio(m) for m in masks], 1)  # [B, L, 2]
 
         memory = self.encoder(src_flat, spatial_shapes, level_start_index, valid_ratios, pos_flat, mask_flat)

@@ -6,11 +6,11 @@ and post-norm by default (LayerNorm after each residual addition), with an optio
 from typing import Optional, Sequence, Tuple
 
 import torch
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MLP", "StackedMLPs", "resize_bilinear", "mask_logits"]
+__all__ = ["SelfAttentionLayer", "CrossAttentionLayer", "FFNLayer", "MLP", "StackedMLPs", "resize_bilinear",
+           "mask_logits"]
 
 
 def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:

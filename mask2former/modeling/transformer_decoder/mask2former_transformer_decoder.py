@@ -458,7 +458,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                 cache[attn_size] = resize_bilinear(mask_features, attn_size)
             decoded = self.decoder_norm(output).transpose(0, 1)
             mask_emb = self._mask_embeddings(decoded, heads)
-            return self._blocked(torch.einsum("bqc,bchw->bqhw", mask_emb, cache[attn_size]))
+            return self._blocked(mask_logits(mask_emb, cache[attn_size]))
 
     def _training_no_object_heads(self, class_logits: Tensor, decoded: Tensor) -> None:
         """The per-step no-object heads in a prompt-tuning forward, as the official code runs them.
