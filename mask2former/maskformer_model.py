@@ -10,6 +10,8 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, bu
 from detectron2.structures import ImageList
 from torch import Tensor, nn
 
+from .modeling import cpu_conv
+from .modeling.cpu_conv import use_cpu_convolutions
 from .modeling.criterion import SetCriterion, weight_losses
 from .modeling.matcher import HungarianMatcher
 from .modeling.postprocessing import PostProcessSettings, postprocess_batch
@@ -65,6 +67,16 @@ def build_criterion(cfg, num_classes: int) -> SetCriterion:
         focal_alpha=mf.FOCAL_ALPHA,
         focal_gamma=mf.FOCAL_GAMMA,
     )
+
+
+def _backbone_input(images: Tensor) -> Tensor:
+    """The padded batch as the backbone gets it: channels-last on CPU without autograd, where
+    the oneDNN convolutions apply (every map after the first convolution then stays
+    channels-last, which oneDNN convolves without layout conversions; see
+    modeling/cpu_conv.py)."""
+    if cpu_conv.ENABLED and images.device.type == "cpu" and not torch.is_grad_enabled():
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
 
 
 def _float32_outputs(outputs: Dict) -> Dict:
@@ -134,6 +146,9 @@ class MaskFormer(nn.Module):
         if cpu_bf16 and pixel_decoder is not None:
             pixel_decoder.cpu_bf16 = True  # its linear layers and convolutions in bf16 too
         self._training_loss = None
+        # oneDNN convolutions on CPU (same parameters; see modeling/cpu_conv.py)
+        use_cpu_convolutions(self.backbone)
+        use_cpu_convolutions(self.sem_seg_head)
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
@@ -221,7 +236,7 @@ class MaskFormer(nn.Module):
             # a frozen backbone (prompt tuning) keeps no autograd graph
             frozen = self.training and not any(p.requires_grad for p in self.backbone.parameters())
             with torch.no_grad() if frozen else nullcontext():
-                features = self.backbone(images.tensor)
+                features = self.backbone(_backbone_input(images.tensor))
             outputs = self.sem_seg_head(features)
         if bf16:
             outputs = _float32_outputs(outputs)

@@ -518,3 +518,36 @@ def test_encoder_feed_forward_in_row_blocks_equals_whole(monkeypatch):
         monkeypatch.setattr(DeformableEncoderLayer, "FFN_BLOCK_ROWS", rows)
         with torch.no_grad():
             torch.testing.assert_close(layer(src, pos, ref, spatial, starts), whole.detach(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("outputs", [("panoptic",), ("semantic",), ("panoptic", "instance"),
+                                     ("panoptic", "soft semantic")])
+def test_scratch_mask_logits_overwritten_only_when_nothing_reads_them(outputs):
+    """postprocess_batch lets the pixel assignment keep the mask probabilities in its own
+    upsampled logits unless instance or soft semantic inference reads them afterwards; every
+    output equals that of a call on a tensor the routine must not touch."""
+    from mask2former.modeling import postprocessing as pp
+
+    g = torch.Generator().manual_seed(2)
+    mask_cls, mask_pred = torch.randn(9, 5, generator=g) * 3, torch.randn(9, 12, 10, generator=g)
+    settings = PostProcessSettings(
+        num_classes=4, thing_ids=frozenset({1, 2}), panoptic_on="panoptic" in outputs,
+        semantic_on="semantic" in outputs or "soft semantic" in outputs, instance_on="instance" in outputs,
+        semantic_mode="soft" if "soft semantic" in outputs else "hard")
+    kept = pp.queries_needed(mask_cls, settings)
+    assert kept.numel() > 0
+    scratch = mask_pred[kept].clone()
+    expected = pp.postprocess_image(mask_cls[kept], mask_pred[kept], (12, 10), (12, 10), settings)
+    out = pp.postprocess_image(mask_cls[kept], scratch, (12, 10), (12, 10), settings, scratch=True)
+    reads_logits = settings.instance_on or settings.semantic_mode == "soft"
+    assert torch.equal(scratch, mask_pred[kept]) == reads_logits  # overwritten only when allowed
+    if not reads_logits:
+        assert torch.equal(scratch, mask_pred[kept].sigmoid())
+    for key in expected:
+        if key == "instances":
+            for field in ("pred_masks", "scores", "pred_classes"):
+                assert torch.equal(out[key].get(field), expected[key].get(field))
+        elif key == "panoptic_seg":
+            assert torch.equal(out[key][0], expected[key][0]) and out[key][1] == expected[key][1]
+        else:
+            assert torch.equal(out[key], expected[key])

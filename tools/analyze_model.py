@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
 
 from continual.config import setup_cfg  # noqa: E402
 from continual.trainer import IncrementalTrainer  # noqa: E402
+from mask2former.modeling import cpu_conv  # noqa: E402
 
 PARTS = (("backbone", "backbone."), ("pixel decoder", "sem_seg_head.pixel_decoder."),
          ("transformer decoder", "sem_seg_head.predictor."))
@@ -93,9 +94,14 @@ def count_flops(model, cfg, image_size):
     )
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about data-dependent Python values
-        total = analysis.total()
+    # the convolutions as F.conv2d (fvcore counts them; the oneDNN call of the CPU path it does not)
+    conv_paths, cpu_conv.ENABLED = cpu_conv.ENABLED, False
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about data-dependent Python values
+            total = analysis.total()
+    finally:
+        cpu_conv.ENABLED = conv_paths
     return total, dict(analysis.unsupported_ops()), (height, width)
 
 

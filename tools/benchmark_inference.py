@@ -68,7 +68,7 @@ from torch import nn  # noqa: E402
 
 import mask2former  # noqa: E402,F401  (registers the model)
 from continual.config import setup_cfg  # noqa: E402
-from mask2former.modeling import postprocessing  # noqa: E402
+from mask2former.modeling import cpu_conv, postprocessing  # noqa: E402
 from mask2former.modeling.pixel_decoder import msdeformattn  # noqa: E402
 from mask2former.modeling.transformer_decoder import mask2former_transformer_decoder as decoder_module  # noqa: E402
 
@@ -151,8 +151,11 @@ def previous_cpu_paths(model):
       per-group self-attention loop at inference (:func:`official_per_group_loop`);
     * decoder memory tokens in the official ``[HW, B, C]`` permuted (non-contiguous) layout;
     * the ``grid_sample`` deformable-attention core (``MSDeformAttn.forward``);
-    * the crop/resize pass of the post-processing even when it is the identity, its
-      ``argmax`` over the queries of the full-resolution score-times-probability stack, and
+    * ``F.conv2d`` on channel-major maps for every convolution (no oneDNN call, no
+      channels-last input, the frozen norms after the convolutions; ``modeling/cpu_conv.py``);
+    * the crop/resize pass of the post-processing even when it is the identity, the sigmoid
+      of every map into a fresh stack and a boolean index for the kept ones, the ``argmax``
+      over the queries of the full-resolution score-times-probability stack, and
       ``F.one_hot`` for the semantic map.
     """
     def grid_sample_attention(attn, query, reference_points, src, shapes, start, padding_mask):
@@ -162,6 +165,12 @@ def previous_cpu_paths(model):
         if settings.sem_seg_postprocess_before_inference:
             return sem_seg_postprocess(mask_pred, image_size, output_size[0], output_size[1])
         return mask_pred
+
+    def kept_queries(mask_cls, mask_pred, num_classes, object_mask_threshold, use_sigmoid, in_place=False):
+        # the sigmoid of every map, then a boolean index over the queries
+        scores, labels = postprocessing.class_scores_and_labels(mask_cls, use_sigmoid)
+        keep = postprocessing._keep_rule(scores, labels, num_classes, object_mask_threshold)
+        return scores[keep], labels[keep], mask_pred.sigmoid()[keep]
 
     def best_query(scores, masks):
         return (scores.view(-1, 1, 1) * masks).argmax(0)
@@ -184,6 +193,7 @@ def previous_cpu_paths(model):
 
     names = ((msdeformattn, "_deformable_attention", grid_sample_attention),
              (postprocessing, "inference_mask_input", mask_input),
+             (postprocessing, "_kept_queries", kept_queries),
              (postprocessing, "_best_query", best_query),
              (postprocessing, "_one_hot_map",
               lambda labels, channels: torch.nn.functional.one_hot(labels, channels).permute(2, 0, 1).float()),
@@ -196,12 +206,15 @@ def previous_cpu_paths(model):
     pred._blocked = bool_per_head_mask
     pred._inference_mask_heads = lambda sizes: (pred._mask_heads(), sizes)
     pred._prepare_memories = permuted_memories
+    conv_paths = cpu_conv.ENABLED
+    cpu_conv.ENABLED = False
     try:
         with official_per_group_loop(pred):
             yield model
     finally:
         for (module, name, _), current in zip(names, saved):
             setattr(module, name, current)
+        cpu_conv.ENABLED = conv_paths
         del pred.full_intermediate_predictions, pred._blocked, pred._inference_mask_heads, pred._prepare_memories
 
 

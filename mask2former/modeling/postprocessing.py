@@ -191,14 +191,21 @@ def _kept_queries(
     num_classes: int,
     object_mask_threshold: float,
     use_sigmoid: bool,
+    in_place: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores [K], labels [K] and mask probabilities [K, H, W] of the non-no-object queries
-    whose score is above the threshold, in query order."""
+    whose score is above the threshold, in query order. ``in_place``: ``mask_pred`` is a
+    temporary nobody reads afterwards, which may hold the probabilities."""
     scores, labels = class_scores_and_labels(mask_cls, use_sigmoid)
     keep = _keep_rule(scores, labels, num_classes, object_mask_threshold)
+    kept = keep.nonzero().squeeze(1)
+    if kept.numel() == mask_pred.shape[0]:
+        # every query kept (the usual case after postprocess_batch passed only the kept
+        # queries' masks): no selection copy, and no fresh [K, H, W] tensor when allowed (a
+        # fresh tensor of this size costs more in page faults than the sigmoid itself)
+        return scores, labels, mask_pred.sigmoid_() if in_place else mask_pred.sigmoid()
     # index_select copies whole maps (a boolean index gathers element by element); the copy
     # then takes the sigmoid in place
-    kept = keep.nonzero().squeeze(1)
     return scores[kept], labels[kept], mask_pred.index_select(0, kept).sigmoid_()
 
 
@@ -275,11 +282,12 @@ def _assign_pixels(
 
 
 def _segments(mask_cls, mask_pred, num_classes, object_mask_threshold, overlap_threshold, mask_threshold,
-              use_sigmoid):
+              use_sigmoid, in_place=False):
     """``(labels, winner, in_segment, survives)`` of the kept queries (see :func:`_kept_queries`
     and :func:`_assign_pixels`), or None when no query is kept. Hard semantic and panoptic
     inference of one image share it (:func:`postprocess_image` computes it once for both)."""
-    scores, labels, masks = _kept_queries(mask_cls, mask_pred, num_classes, object_mask_threshold, use_sigmoid)
+    scores, labels, masks = _kept_queries(mask_cls, mask_pred, num_classes, object_mask_threshold, use_sigmoid,
+                                          in_place)
     if labels.numel() == 0:
         return None
     return (labels,) + _assign_pixels(scores, masks, mask_threshold, overlap_threshold)
@@ -528,6 +536,7 @@ def postprocess_image(
     image_size: Sequence[int],
     output_size: Sequence[int],
     settings: PostProcessSettings,
+    scratch: bool = False,
 ) -> Dict:
     """Post-process one image.
 
@@ -536,6 +545,9 @@ def postprocess_image(
         mask_pred: [Q, Hp, Wp] mask logits at padded resolution (see :func:`upsample_masks`).
         image_size: (h, w) of the unpadded input image.
         output_size: (height, width) of the outputs.
+        scratch: ``mask_pred`` is a temporary of the caller (as in :func:`postprocess_batch`),
+            which may be overwritten when no enabled output reads the logits after the
+            semantic / panoptic pixel assignment.
 
     Returns:
         dict with, as switched on in ``settings``: ``"sem_seg"`` [C+1, height, width] (C
@@ -547,11 +559,14 @@ def postprocess_image(
     mask_cls = mask_cls.to(mask_pred)
     result = {}
     # hard semantic and panoptic inference assign the pixels with the same rule and thresholds:
-    # done once when both are on
+    # done once here for both; the mask probabilities may overwrite the logits when the
+    # instance and soft semantic outputs, which read the logits, are off
+    soft_semantic = s.semantic_on and s.semantic_mode == "soft"
     segments = _NOT_GIVEN
-    if s.panoptic_on and s.semantic_on and s.semantic_mode != "soft":
+    if s.panoptic_on or (s.semantic_on and not soft_semantic):
+        in_place = scratch and not s.instance_on and not soft_semantic
         segments = _segments(mask_cls, mask_pred, s.num_classes, s.object_mask_threshold,
-                             s.overlap_threshold, s.mask_threshold, s.use_sigmoid)
+                             s.overlap_threshold, s.mask_threshold, s.use_sigmoid, in_place=in_place)
 
     if s.semantic_on:
         if s.semantic_mode == "soft":
@@ -611,7 +626,8 @@ def postprocess_batch(
             # by any routine, so the outputs are empty as they should be
             needed = needed.new_zeros(1)
         upsampled = upsample_masks(masks[needed].unsqueeze(0), padded_size)[0]
-        results.append(postprocess_image(mask_cls[needed], upsampled, image_size, output_size, settings))
+        results.append(postprocess_image(mask_cls[needed], upsampled, image_size, output_size, settings,
+                                         scratch=True))
     return results
 
 

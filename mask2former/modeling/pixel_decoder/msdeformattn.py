@@ -95,11 +95,9 @@ def _bag_layout(value_shape, spatial_shapes: Tensor, loc_x: Tensor, loc_y: Tenso
     the order (y0, x0), (y0, x1), (y1, x0), (y1, x1)). Inputs query-minor ``[B, M, L, P, Lq]``,
     as in :func:`_sample_bags`.
 
-    The bags are ordered (b, m, q) because the corners are computed query-minor: each corner's
-    product is written through a query-minor view of the bag tensor (a transposing write inside
-    the element-wise kernel, several times cheaper than a separate transposing copy), which
-    keeps the transposition within each (b, m) block; the sampled output, 6 times smaller than
-    the indices and weights, is what gets reordered to query-major instead."""
+    The bags are ordered (b, m, q) because the corners are computed query-minor: the
+    transposition to bags stays within each (b, m) block; the sampled output, 6 times smaller
+    than the indices and weights, is what gets reordered to query-major instead."""
     batch, num_values, heads, _ = value_shape
     _, _, num_levels, num_points, num_queries = loc_x.shape
     device = loc_x.device
@@ -121,17 +119,22 @@ def _bag_layout(value_shape, spatial_shapes: Tensor, loc_x: Tensor, loc_y: Tenso
     row0 = base + torch.minimum(iy.clamp(min=0), heights - 1) * row_step
     row1 = base + torch.minimum((iy + 1).clamp(min=0), heights - 1) * row_step
     corners = ((row0, col0, wy0, wx0), (row0, col1, wy0, wx1), (row1, col0, wy1, wx0), (row1, col1, wy1, wx1))
-    # each corner written straight into the bag layout [B, M, Lq, 4, L, P] through a view in the
-    # query-minor order of the inputs (no autograd here: callers run this without gradients,
-    # see _sample_bags and _BagSampling)
-    bag_shape = (batch, heads, num_queries, 4, num_levels, num_points)
-    indices = torch.empty(bag_shape, dtype=index_dtype, device=device)
-    weights = torch.empty(bag_shape, dtype=wx0.dtype, device=device)
-    query_minor = (0, 1, 3, 4, 2)  # [B, M, Lq, L, P] -> [B, M, L, P, Lq]
+    # the corners written query-minor [B, M, 4, L, P, Lq] (contiguous writes), then one batched
+    # transposing copy per tensor to the bag layout [B, M, Lq, 4, L, P]: half the time of
+    # writing each corner through a transposed view (no autograd here: callers run this
+    # without gradients, see _sample_bags and _BagSampling)
+    corner_shape = (batch, heads, 4, num_levels, num_points, num_queries)
+    indices = torch.empty(corner_shape, dtype=index_dtype, device=device)
+    weights = torch.empty(corner_shape, dtype=wx0.dtype, device=device)
     for corner, (row, col, wy, wx) in enumerate(corners):
-        torch.add(row, col, out=indices[:, :, :, corner].permute(query_minor))
-        torch.mul(wy, wx, out=weights[:, :, :, corner].permute(query_minor))
-    return indices, weights
+        torch.add(row, col, out=indices[:, :, corner])
+        torch.mul(wy, wx, out=weights[:, :, corner])
+    bag_shape = (batch, heads, num_queries, 4, num_levels, num_points)
+
+    def to_bags(t: Tensor) -> Tensor:
+        return t.view(batch * heads, -1, num_queries).transpose(1, 2).contiguous().view(bag_shape)
+
+    return to_bags(indices), to_bags(weights)
 
 
 def _sample_bags(
@@ -729,16 +732,19 @@ class MSDeformAttnPixelDecoder(nn.Module):
         shapes = [tuple(s) for s in spatial_shapes.tolist()]
         outs = []
         for (h, w), level in zip(shapes, memory.split([h * w for h, w in shapes], dim=1)):
-            outs.append(level.transpose(1, 2).reshape(batch, -1, h, w))
+            # a channels-last view of the memory: [B, h, w, C] with its dimensions permuted
+            outs.append(level.reshape(batch, h, w, -1).permute(0, 3, 1, 2))
 
         # Extra FPN levels, top-down from the finest encoder level.
         for idx, name in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
             x = features[name].float()
             lateral = self.lateral_convs[idx](x)
             # outs[-1] is a transposed view of the encoder memory (channel stride 1): on CPU,
-            # resizing that layout and adding it to the channel-major lateral map costs several
-            # times more than one copy to channel-major first
-            coarser = outs[-1].contiguous()
+            # resizing it and adding it to a lateral map of another layout costs several times
+            # more than one copy to the lateral map's layout first (channels-last after a CPU
+            # backbone, see modeling/cpu_conv.py; channel-major otherwise)
+            layout = torch.contiguous_format if lateral.is_contiguous() else torch.channels_last
+            coarser = outs[-1].contiguous(memory_format=layout)
             merged = lateral + F.interpolate(coarser, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
             outs.append(self.output_convs[idx](merged))
 
