@@ -10,8 +10,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone, bu
 from detectron2.structures import ImageList
 from torch import Tensor, nn
 
-from .modeling import cpu_conv
-from .modeling.cpu_conv import use_cpu_convolutions
+from .modeling.cpu_conv import backbone_input, use_cpu_convolutions
 from .modeling.criterion import SetCriterion, weight_losses
 from .modeling.matcher import HungarianMatcher
 from .modeling.postprocessing import PostProcessSettings, postprocess_batch
@@ -67,16 +66,6 @@ def build_criterion(cfg, num_classes: int) -> SetCriterion:
         focal_alpha=mf.FOCAL_ALPHA,
         focal_gamma=mf.FOCAL_GAMMA,
     )
-
-
-def _backbone_input(images: Tensor) -> Tensor:
-    """The padded batch as the backbone gets it: channels-last on CPU without autograd, where
-    the oneDNN convolutions apply (every map after the first convolution then stays
-    channels-last, which oneDNN convolves without layout conversions; see
-    modeling/cpu_conv.py)."""
-    if cpu_conv.ENABLED and images.device.type == "cpu" and not torch.is_grad_enabled():
-        return images.contiguous(memory_format=torch.channels_last)
-    return images
 
 
 def _float32_outputs(outputs: Dict) -> Dict:
@@ -236,7 +225,7 @@ class MaskFormer(nn.Module):
             # a frozen backbone (prompt tuning) keeps no autograd graph
             frozen = self.training and not any(p.requires_grad for p in self.backbone.parameters())
             with torch.no_grad() if frozen else nullcontext():
-                features = self.backbone(_backbone_input(images.tensor))
+                features = self.backbone(backbone_input(images.tensor))
             outputs = self.sem_seg_head(features)
         if bf16:
             outputs = _float32_outputs(outputs)

@@ -9,9 +9,9 @@ from detectron2.modeling import build_model
 from torch import nn
 
 from conftest import FIXTURES
-from mask2former.maskformer_model import _backbone_input
 from mask2former.modeling import cpu_conv
-from mask2former.modeling.cpu_conv import CpuConv2d, CpuD2Conv2d, onednn_applies, use_cpu_convolutions
+from mask2former.modeling.cpu_conv import (CpuConv2d, CpuD2Conv2d, backbone_input, onednn_applies,
+                                            use_cpu_convolutions)
 from test_cpu_fast_paths import _image_batch, build_fixture_model
 
 
@@ -135,7 +135,7 @@ def test_model_convolutions_changed_and_channels_last_outputs_close():
         with torch.no_grad():
             model(batch)
             images = model.preprocess_images(batch)
-            outputs[enabled] = model.sem_seg_head(model.backbone(_backbone_input(images.tensor)))
+            outputs[enabled] = model.sem_seg_head(model.backbone(backbone_input(images.tensor)))
         model(batch)  # with autograd: channel-major
     hook.remove()
     # channels-last (not channel-major) only with the path on and without autograd

@@ -68,7 +68,11 @@ from torch import nn  # noqa: E402
 
 import mask2former  # noqa: E402,F401  (registers the model)
 from continual.config import setup_cfg  # noqa: E402
-from mask2former.modeling import cpu_conv, postprocessing  # noqa: E402
+from mask2former.modeling import postprocessing  # noqa: E402
+try:  # absent from the checkouts before it (--baseline-repo)
+    from mask2former.modeling import cpu_conv  # noqa: E402
+except ImportError:
+    cpu_conv = None
 from mask2former.modeling.pixel_decoder import msdeformattn  # noqa: E402
 from mask2former.modeling.transformer_decoder import mask2former_transformer_decoder as decoder_module  # noqa: E402
 
@@ -206,15 +210,17 @@ def previous_cpu_paths(model):
     pred._blocked = bool_per_head_mask
     pred._inference_mask_heads = lambda sizes: (pred._mask_heads(), sizes)
     pred._prepare_memories = permuted_memories
-    conv_paths = cpu_conv.ENABLED
-    cpu_conv.ENABLED = False
+    conv_paths = cpu_conv is not None and cpu_conv.ENABLED
+    if cpu_conv is not None:
+        cpu_conv.ENABLED = False
     try:
         with official_per_group_loop(pred):
             yield model
     finally:
         for (module, name, _), current in zip(names, saved):
             setattr(module, name, current)
-        cpu_conv.ENABLED = conv_paths
+        if cpu_conv is not None:
+            cpu_conv.ENABLED = conv_paths
         del pred.full_intermediate_predictions, pred._blocked, pred._inference_mask_heads, pred._prepare_memories
 
 

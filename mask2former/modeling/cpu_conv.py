@@ -24,26 +24,41 @@ from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.layers import FrozenBatchNorm2d
 from torch import Tensor, nn
 
-__all__ = ["use_cpu_convolutions", "onednn_applies"]
+__all__ = ["use_cpu_convolutions", "onednn_applies", "backbone_input"]
 
-#: off: every convolution goes through ``F.conv2d`` (for A/B timing and tests)
+#: off: every convolution goes through ``F.conv2d`` on channel-major maps (A/B timing, tests)
 ENABLED = True
+
+
+def _path_on(x: Tensor) -> bool:
+    return (
+        ENABLED
+        and not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+    )
+
+
+def backbone_input(images: Tensor) -> Tensor:
+    """The padded image batch as the backbone gets it: channels-last where the oneDNN path is
+    on (every map after the first convolution then stays channels-last, which oneDNN
+    convolves without layout conversions), unchanged otherwise."""
+    if _path_on(images) and images.dim() == 4:
+        return images.contiguous(memory_format=torch.channels_last)
+    return images
 
 
 def onednn_applies(module: nn.Conv2d, x: Tensor) -> bool:
     """Whether ``module(x)`` takes the oneDNN path (see the module docstring)."""
     return (
-        ENABLED
-        and not torch.is_grad_enabled()
-        and x.device.type == "cpu"
+        _path_on(x)
         and x.dtype == torch.float32
         and module.weight.dtype == torch.float32
         and x.dim() == 4
         and x.numel() > 0
         and module.padding_mode == "zeros"
         and isinstance(module.padding, tuple)
-        and torch.backends.mkldnn.is_available()
-        and torch.backends.mkldnn.enabled
         and not torch.is_autocast_enabled("cpu")
     )
 

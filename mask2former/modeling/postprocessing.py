@@ -227,14 +227,20 @@ def _instance_topk(mask_cls: torch.Tensor, use_sigmoid: bool, topk_per_image: in
 def _best_query(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """``(scores.view(-1, 1, 1) * masks).argmax(0)`` (first query on ties), as a running
     maximum over the queries: no [K, H, W] product, and each step is a contiguous pass over one
-    map, which on CPU is several times faster than ``argmax`` over the leading dimension."""
+    map, which on CPU is several times faster than ``argmax`` over the leading dimension.
+
+    The winner map is kept in float (query numbers are exact integers there) and updated by
+    arithmetic, ``winner += better * (k - winner)`` with ``better`` as 0/1: on CPU about half
+    the time of ``masked_fill_``, whose kernel is not vectorised."""
     best = masks[0] * scores[0]
-    winner = torch.zeros(masks.shape[1:], dtype=torch.long, device=masks.device)
+    winner = torch.zeros(masks.shape[1:], dtype=torch.float32, device=masks.device)
+    candidate, better = torch.empty_like(best), torch.empty_like(winner)
     for k in range(1, masks.shape[0]):
-        candidate = masks[k] * scores[k]
-        winner.masked_fill_(candidate > best, k)
-        best = torch.maximum(best, candidate)
-    return winner
+        torch.mul(masks[k], scores[k], out=candidate)
+        torch.gt(candidate, best, out=better)  # 1.0 where query k is strictly better
+        winner.addcmul_(better, winner.neg().add_(k))
+        torch.maximum(best, candidate, out=best)
+    return winner.long()
 
 
 def _assign_pixels(
