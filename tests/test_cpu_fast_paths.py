@@ -250,6 +250,8 @@ def test_best_query_is_the_argmax_with_first_query_on_ties(num_queries):
     scores[-1] = scores[0]
     expected = (scores.view(-1, 1, 1) * masks).argmax(0)
     assert torch.equal(_best_query(scores, masks), expected)
+    # inference called with autograd on: the same map, no error from the out= steps
+    assert torch.equal(_best_query(scores.requires_grad_(), masks.requires_grad_()), expected)
 
 
 def _counted_pixel_decoder(monkeypatch, train: bool):

@@ -231,7 +231,9 @@ def _best_query(scores: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
 
     The winner map is kept in float (query numbers are exact integers there) and updated by
     arithmetic, ``winner += better * (k - winner)`` with ``better`` as 0/1: on CPU about half
-    the time of ``masked_fill_``, whose kernel is not vectorised."""
+    the time of ``masked_fill_``, whose kernel is not vectorised. An index map has no
+    gradient: inputs that require one (inference called with autograd on) are detached."""
+    scores, masks = scores.detach(), masks.detach()
     best = masks[0] * scores[0]
     winner = torch.zeros(masks.shape[1:], dtype=torch.float32, device=masks.device)
     candidate, better = torch.empty_like(best), torch.empty_like(winner)
