@@ -111,9 +111,9 @@ def test_other_inputs_take_the_modules_own_forward():
         assert not onednn_applies(conv, torch.randn(0, 4, 5, 5))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not onednn_applies(conv, torch.randn(1, 4, 5, 5))
-        cpu_conv.ENABLED = False
-        assert not onednn_applies(conv, torch.randn(1, 4, 5, 5))
-        cpu_conv.ENABLED = True
+        with cpu_conv.disabled():
+            assert not onednn_applies(conv, torch.randn(1, 4, 5, 5))
+        assert onednn_applies(conv, torch.randn(1, 4, 5, 5))  # restored on exit
         conv64 = Conv2d(4, 6, kernel_size=1, norm=_frozen_bn(6, 0)).double()
         reference = conv64.norm(F.conv2d(x64, conv64.weight, conv64.bias))
         use_cpu_convolutions(conv64)

@@ -95,13 +95,9 @@ def count_flops(model, cfg, image_size):
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     # the convolutions as F.conv2d (fvcore counts them; the oneDNN call of the CPU path it does not)
-    conv_paths, cpu_conv.ENABLED = cpu_conv.ENABLED, False
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about data-dependent Python values
-            total = analysis.total()
-    finally:
-        cpu_conv.ENABLED = conv_paths
+    with cpu_conv.disabled(), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about data-dependent Python values
+        total = analysis.total()
     return total, dict(analysis.unsupported_ops()), (height, width)
 
 

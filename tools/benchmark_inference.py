@@ -210,17 +210,13 @@ def previous_cpu_paths(model):
     pred._blocked = bool_per_head_mask
     pred._inference_mask_heads = lambda sizes: (pred._mask_heads(), sizes)
     pred._prepare_memories = permuted_memories
-    conv_paths = cpu_conv is not None and cpu_conv.ENABLED
-    if cpu_conv is not None:
-        cpu_conv.ENABLED = False
+    conv2d = cpu_conv.disabled() if cpu_conv is not None else contextlib.nullcontext()
     try:
-        with official_per_group_loop(pred):
+        with official_per_group_loop(pred), conv2d:
             yield model
     finally:
         for (module, name, _), current in zip(names, saved):
             setattr(module, name, current)
-        if cpu_conv is not None:
-            cpu_conv.ENABLED = conv_paths
         del pred.full_intermediate_predictions, pred._blocked, pred._inference_mask_heads, pred._prepare_memories
 
 

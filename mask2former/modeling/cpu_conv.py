@@ -17,17 +17,30 @@ maps: forward + backward measured no faster through oneDNN, and the training num
 those of ``F.conv2d``. So do other cases: GPU, other dtypes, autocast, empty inputs, padding
 modes other than zeros.
 """
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from detectron2.layers import Conv2d as D2Conv2d
 from detectron2.layers import FrozenBatchNorm2d
 from torch import Tensor, nn
 
-__all__ = ["use_cpu_convolutions", "onednn_applies", "backbone_input"]
+__all__ = ["use_cpu_convolutions", "onednn_applies", "backbone_input", "disabled"]
 
 #: off: every convolution goes through ``F.conv2d`` on channel-major maps (A/B timing, tests)
 ENABLED = True
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Within the block every convolution goes through ``F.conv2d`` on channel-major maps
+    (``ENABLED`` off; its previous value is restored on exit)."""
+    global ENABLED
+    previous, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = previous
 
 
 def _path_on(x: Tensor) -> bool:
